@@ -1,0 +1,310 @@
+"""The only reader of config files: typed, validated, overridable, saved with checkpoints.
+
+Config files are flat JSON objects with GR1-Training's key names (``configs.json``), so a reference config file
+loads unchanged. Every key is declared once in :class:`Config` with its type and meaning; an unknown or misspelt key
+is an error naming the closest valid key, and ``key=value`` command-line overrides work for every entry point::
+
+    accelerate launch Main.py --config configs.json bs_per_gpu=8 "save_path='./Save/'"
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.json")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of training, evaluation and conversion. Field comments are the documentation."""
+
+    # ---- GR1-Training keys (names and defaults as in the reference configs.json) ----
+    evaluate_during_training: bool = True  # run the CALVIN evaluation after each checkpoint save
+    record_evaluation_video: bool = False  # write real/predicted frame videos per subtask during evaluation
+    compile_model: bool = False  # torch.compile the trainable network
+    bytedance_ckpt_path: str = "./snapshot_ABC.pt"  # Bytedance GR-1 snapshot, used when load_bytedance_ckpt
+    load_bytedance_ckpt: bool = False  # start from the Bytedance snapshot (converted: wpe zeroed, chunk queries 0)
+    load_epoch: int = 0  # load save_path/GR1_<load_epoch>.pth if it exists; checkpoint numbers continue from it
+    save_epochs: int = 1  # save GR1_<epoch>.pth every this many epochs (and always after the last epoch)
+    num_epochs: int = 20  # epochs to train
+    num_sequences: int = 1000  # evaluation sequences (a prefix of the official 1000)
+    ep_len: int = 360  # env steps allowed per subtask
+    print_steps: int = 100  # batches between log lines / TensorBoard points
+    lr_max: float = 0.0009  # peak learning rate of the cosine schedule
+    weight_decay: float = 0.0001  # AdamW weight decay (applied to every trainable tensor, as the reference)
+    arm_loss_ratio: float = 100.0  # weight of the smooth-L1 arm action loss in the total loss
+    num_warmup_epochs: float = 1.0  # linear warm-up length in epochs
+    bs_per_gpu: int = 19  # batch size per process
+    workers_per_gpu: int = 7  # DataLoader workers per process
+    prefetch_factor: int = 2  # batches prefetched per DataLoader worker
+    gradient_accumulation_steps: int = 3  # batches per optimiser step
+    rgb_static_pad: int = 10  # random-shift padding of the 200 px static camera (pixels)
+    rgb_gripper_pad: int = 4  # random-shift padding of the 84 px gripper camera (pixels)
+    rgb_shape: int = 224  # network input resolution
+    patch_size: int = 16  # ViT / pixel-decoder patch size
+    rgb_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # image normalisation mean (ImageNet)
+    rgb_std: tuple[float, ...] = (0.229, 0.224, 0.225)  # image normalisation std (ImageNet)
+    LMDB_path: str = "../calvin_lmdb/"  # LMDB written by calvin2lmdb.py
+    save_path: str = "./Save/"  # checkpoints, logs, evaluation results
+    mae_ckpt: str = "./mae_pretrain_vit_base.pth"  # MAE ViT-B/16 weights (['model']); "" = random (tests/demo)
+    embed_dim: int = 384  # GPT-2 hidden size
+    n_layer: int = 12  # GPT-2 layers
+    n_head: int = 12  # GPT-2 heads
+    activation_function: str = "relu"  # GPT-2 MLP activation
+    dropout: float = 0.1  # GPT-2 residual, attention and embedding dropout
+    n_positions: int = 1024  # GPT-2 learned position embeddings
+    device: str = "cuda"  # accepted for compatibility; accelerate chooses the device
+    resampler_depth: int = 3  # perceiver resampler layers
+    resampler_dim_head: int = 128  # perceiver resampler head size
+    resampler_heads: int = 4  # perceiver resampler heads
+    resampler_num_media_embeds: int = 1  # perceiver resampler media embeddings (must be 1)
+    resampler_num_latents: int = 9  # resampled patch tokens per image
+    seq_len: int = 10  # history window (timesteps)
+    chunk_size: int = 10  # actions predicted per timestep (GR-Chunk)
+    test_chunk_size: int = 1  # actions executed per policy query during evaluation
+    skip_frame: int = 3  # observation queries of step t predict frame t + skip_frame
+    action_mode: str = "ee_rel_pose"  # 'ee_rel_pose' (rel_actions) or 'ee_abs_pose' (actions)
+    act_dim: int = 7  # arm (6) + gripper (1)
+    state_dim: int = 7  # arm (6) + gripper (1)
+    use_hand_rgb: bool = True  # use the gripper camera (must be true, as the reference)
+    clip_backbone: str = "ViT-B/32"  # CLIP model name (informational; weights come from clip_ckpt)
+    act_pred: bool = True  # train the action head (must be true, as the reference)
+    fwd_pred: bool = True  # train the static-camera video head (must be true, as the reference)
+    fwd_pred_hand: bool = True  # train the gripper-camera video head (must be true, as the reference)
+    fwd_pred_next_n: int = 3  # accepted for compatibility (unused by the reference); see skip_frame
+    without_norm_pixel_loss: bool = False  # use raw (not per-patch standardised) pixel targets
+    img_feat_dim: int = 768  # MAE width (cls token features)
+    patch_feat_dim: int = 768  # MAE width (patch token features)
+    lang_feat_dim: int = 512  # CLIP text embedding size
+
+    # ---- keys added by this project ----
+    clip_ckpt: str = "~/.cache/clip/ViT-B-32.pt"  # OpenAI CLIP weights (the file clip.load downloads); "" = random
+    clip_precision: str = "auto"  # text tower dtype: 'auto' (fp16 on CUDA, fp32 on CPU, as clip.load), 'fp32', 'fp16'
+    clip_text_width: int = 512  # CLIP text transformer width
+    clip_text_layers: int = 12  # CLIP text transformer layers
+    clip_text_heads: int = 8  # CLIP text transformer heads
+    mae_depth: int = 12  # MAE ViT blocks
+    mae_num_heads: int = 12  # MAE ViT heads
+    seed: int = 0  # seed of model init, data order and augmentation
+    resume: bool = False  # continue the run in save_path from its last full training state (exact resume)
+    save_steps: int = 1000  # also save the full training state every this many optimiser steps (0 = epochs only)
+    max_train_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
+    lr_schedule: str = "per_step"  # 'per_step' (cosine warm-up per optimiser step) or 'reference' (staircase)
+    mixed_precision: str = "bf16"  # 'bf16', 'fp16' or 'no'; on CPU always 'no'
+    split: str = "auto"  # 'calvin' (CALVIN training/validation splits), 'ratio' (reference), 'auto' (calvin if known)
+    train_ratio: float = 0.9  # with split='ratio': fraction of LMDB steps used for training
+    eval_backend: str = "builtin"  # 'builtin' (pybullet scene shipped here) or 'calvin' (real calvin_env)
+    calvin_dataset_path: str = ""  # CALVIN split folder with validation/.hydra/merged_config.yaml ('' = shipped)
+    ckpt_path: str = ""  # policy weights for evaluate_calvin.py ('' = save_path/GR1_<load_epoch>.pth)
+    eval_feature_cache: bool = True  # cache per-frame encoder features during evaluation
+    eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
+    eval_sequence_start: int = 0  # first official sequence to evaluate (with num_sequences: a slice)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists) that load_config reads back to an equal Config."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "Config":
+        """A validated copy with some values changed."""
+        return from_dict({**self.to_dict(), **changes}, source="replace()")
+
+
+_CHOICES = {
+    "action_mode": ("ee_rel_pose", "ee_abs_pose"),
+    "activation_function": ("relu", "gelu", "gelu_new", "silu", "tanh"),
+    "clip_precision": ("auto", "fp32", "fp16"),
+    "lr_schedule": ("per_step", "reference"),
+    "mixed_precision": ("bf16", "fp16", "no"),
+    "split": ("auto", "calvin", "ratio"),
+    "eval_backend": ("builtin", "calvin"),
+}
+_MUST_BE_TRUE = ("use_hand_rgb", "act_pred", "fwd_pred", "fwd_pred_hand")
+_NON_NEGATIVE = ("load_epoch", "skip_frame", "workers_per_gpu", "save_steps", "max_train_steps", "rgb_static_pad",
+                 "rgb_gripper_pad", "seed", "eval_sequence_start")
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _field_type(name: str) -> str:
+    return str(_FIELDS[name].type)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check one value against its declared type; ints are accepted for floats, lists for tuples."""
+    kind = _field_type(name)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: '{name}' must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad("an integer")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if kind.startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad("a list of numbers")
+        return tuple(float(v) for v in value)
+    raise AssertionError(f"unhandled config type {kind} for {name}")
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.5)
+    if not close:  # case-insensitive second chance (e.g. 'lmdb_path' for 'LMDB_path')
+        lower = {k.lower(): k for k in _FIELDS}
+        close = [lower[key.lower()]] if key.lower() in lower else []
+    hint = f"; did you mean '{close[0]}'?" if close else "; see config.py for the valid keys"
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _check_consistency(cfg: Config, source: str) -> None:
+    """Cross-field checks, each with a message that says what to change."""
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    for name in _CHOICES:
+        if getattr(cfg, name) not in _CHOICES[name]:
+            fail(f"'{name}' must be one of {list(_CHOICES[name])}, got {getattr(cfg, name)!r}")
+    for name in _MUST_BE_TRUE:
+        if not getattr(cfg, name):
+            fail(f"'{name}'=false is not supported: GR1 always trains with it on (as GR1-Training does)")
+    for name in _NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            fail(f"'{name}' must be >= 0, got {getattr(cfg, name)}")
+    for name, f in _FIELDS.items():
+        if str(f.type) == "int" and name not in _NON_NEGATIVE and getattr(cfg, name) <= 0:
+            fail(f"'{name}' must be > 0, got {getattr(cfg, name)}")
+    if len(cfg.rgb_mean) != 3 or len(cfg.rgb_std) != 3:
+        fail("'rgb_mean' and 'rgb_std' must have 3 entries (RGB)")
+    if cfg.rgb_shape % cfg.patch_size:
+        fail(f"'rgb_shape' ({cfg.rgb_shape}) must be a multiple of 'patch_size' ({cfg.patch_size})")
+    if cfg.embed_dim % cfg.n_head:
+        fail(f"'embed_dim' ({cfg.embed_dim}) must be divisible by 'n_head' ({cfg.n_head})")
+    if cfg.embed_dim % 16:
+        fail(f"'embed_dim' ({cfg.embed_dim}) must be divisible by 16 (the pixel decoder has 16 heads)")
+    if cfg.img_feat_dim != cfg.patch_feat_dim:
+        fail("'img_feat_dim' and 'patch_feat_dim' are both the MAE width and must be equal")
+    if cfg.img_feat_dim % cfg.mae_num_heads:
+        fail(f"'img_feat_dim' ({cfg.img_feat_dim}) must be divisible by 'mae_num_heads' ({cfg.mae_num_heads})")
+    if cfg.clip_text_width % cfg.clip_text_heads:
+        fail(f"'clip_text_width' must be divisible by 'clip_text_heads'")
+    if cfg.act_dim != 7 or cfg.state_dim != 7:
+        fail("'act_dim' and 'state_dim' must be 7 (CALVIN: 6 arm + 1 gripper)")
+    if cfg.resampler_num_media_embeds != 1:
+        fail("'resampler_num_media_embeds' must be 1 (one image per resampler call)")
+    if cfg.test_chunk_size > cfg.chunk_size:
+        fail(f"'test_chunk_size' ({cfg.test_chunk_size}) cannot exceed 'chunk_size' ({cfg.chunk_size})")
+    if cfg.skip_frame >= cfg.seq_len:
+        fail(f"'skip_frame' ({cfg.skip_frame}) must be smaller than 'seq_len' ({cfg.seq_len})")
+    if not 0.0 < cfg.train_ratio < 1.0:
+        fail(f"'train_ratio' must be in (0, 1), got {cfg.train_ratio}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        fail(f"'dropout' must be in [0, 1), got {cfg.dropout}")
+    tokens_per_step = 2 + 2 * (cfg.resampler_num_latents + 1) + cfg.chunk_size + 2 * (cfg.resampler_num_latents + 1)
+    if tokens_per_step * cfg.seq_len > cfg.n_positions:
+        fail(f"seq_len x tokens per step = {tokens_per_step * cfg.seq_len} exceeds 'n_positions' ({cfg.n_positions})")
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    """Validate a flat dict (missing keys take their defaults) into a Config."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: a config must be a JSON object, got {type(values).__name__}")
+    kwargs = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise _unknown_key_error(key, source)
+        kwargs[key] = _coerce(key, value, source)
+    cfg = Config(**kwargs)
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value); the value is read as JSON, else taken as a plain string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like key=value")
+    if key not in _FIELDS:
+        raise _unknown_key_error(key, "command line")
+    if _field_type(key) == "str":
+        return key, raw  # paths and names are never JSON-decoded ('1e-3' stays a string)
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        lowered = raw.strip().lower()
+        if lowered in ("true", "false"):
+            return key, lowered == "true"
+        return key, raw
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a config file (default: configs.json beside this file) and apply key=value overrides."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config must be a JSON object")
+    for key in values:
+        if key not in _FIELDS:
+            raise _unknown_key_error(key, path)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return from_dict(values, source=path if not overrides else f"{path} + command line")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --config flag and key=value overrides shared by every entry point."""
+    parser.add_argument("--config", default=None, help="config file (default: configs.json beside config.py)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. bs_per_gpu=8")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as JSON (atomically)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    os.replace(tmp, path)
+
+
+def expand_path(path: str) -> str:
+    """'~' and environment variables expanded; '' stays ''."""
+    return os.path.expandvars(os.path.expanduser(path)) if path else path
+
+
+__all__ = ["Config", "ConfigError", "DEFAULT_CONFIG", "add_config_arguments", "config_from_args", "expand_path",
+           "from_dict", "load_config", "parse_override", "save_config"]

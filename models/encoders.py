@@ -1,0 +1,161 @@
+"""Frozen pretrained encoders of GR-1 and the CLIP tokenizer.
+
+- :class:`MAEEncoder`: ViT-B/16 with the MAE / timm parameter names; returns the final-normed cls token and patch
+  tokens of each image (the reference's ``vit_base(patch_size=16, num_classes=0)``).
+- :class:`CLIPTextEncoder`: OpenAI CLIP's text tower with CLIP's parameter names (the visual tower, which GR-1 never
+  uses, is not built).
+- :func:`tokenize`: OpenAI CLIP's BPE tokenizer (vocabulary shipped with the openai-clip package, works offline).
+- :class:`FrozenEncoders`: both encoders, always in eval mode, never trained, outside the trainable checkpoint.
+
+openai-clip's package ``__init__`` imports torchvision and pkg_resources although its model and tokenizer modules
+need neither, so those two modules are loaded from the installed package directly (see _clip_module).
+
+Shape key: B batch, N images, P patches, D width, L context length (77).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from models.layers import Block
+
+CONTEXT_LENGTH = 77
+CLIP_VOCAB_SIZE = 49408
+
+
+def _clip_module(name: str) -> ModuleType:
+    """Load ``clip.<name>`` from the openai-clip package without running the package's __init__."""
+    alias = f"_gr1_openai_clip_{name}"
+    if alias in sys.modules:
+        return sys.modules[alias]
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("openai-clip is not installed: pip install -r requirements.txt")
+    path = os.path.join(list(spec.submodule_search_locations)[0], f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(alias, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[alias] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+_TOKENIZER = None
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """CLIP token ids, int32 (N, L): <start>, BPE tokens, <end>, zero padding. Equal to clip.tokenize."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = _clip_module("simple_tokenizer").SimpleTokenizer()
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    sot, eot = _TOKENIZER.encoder["<|startoftext|>"], _TOKENIZER.encoder["<|endoftext|>"]
+    result = torch.zeros(len(texts), context_length, dtype=torch.int32)
+    for i, text in enumerate(texts):
+        tokens = [sot] + _TOKENIZER.encode(text) + [eot]
+        if len(tokens) > context_length:
+            raise ValueError(f"instruction is {len(tokens)} CLIP tokens, more than {context_length}: {text!r}")
+        result[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+    return result
+
+
+class MAEEncoder(nn.Module):
+    """ViT image encoder: (N, 3, S, S) -> normed cls (N, D) and normed patch tokens (N, P, D)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12):
+        super().__init__()
+        num_patches = (img_size // patch_size) ** 2
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, eps=1e-6) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (N, P, D)
+        if x.shape[1] + 1 != self.pos_embed.shape[1]:
+            raise ValueError(f"MAE expects {self.pos_embed.shape[1] - 1} patches per image, got {x.shape[1]}: "
+                             "rgb_shape must match the MAE checkpoint's image size")
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed  # (N, 1 + P, D)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1:]
+
+
+class CLIPTextEncoder(nn.Module):
+    """OpenAI CLIP text tower: token ids (B, L) -> text embedding (B, E) at each sequence's end token."""
+
+    def __init__(self, embed_dim: int = 512, width: int = 512, layers: int = 12, heads: int = 8,
+                 context_length: int = CONTEXT_LENGTH, vocab_size: int = CLIP_VOCAB_SIZE):
+        super().__init__()
+        clip_model = _clip_module("model")
+        causal = torch.full((context_length, context_length), float("-inf")).triu_(1)
+        self.transformer = clip_model.Transformer(width=width, layers=layers, heads=heads, attn_mask=causal)
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.ln_final = clip_model.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        dtype = self.token_embedding.weight.dtype
+        x = self.token_embedding(tokens).type(dtype) + self.positional_embedding.type(dtype)  # (B, L, W)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # CLIP's blocks are sequence-first
+        x = self.ln_final(x).type(dtype)
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection  # (B, E)
+
+
+class FrozenEncoders(nn.Module):
+    """MAE image encoder and CLIP text encoder, frozen: eval mode, no gradients, not in trained checkpoints.
+
+    Text embeddings are cached per instruction (CALVIN has a few hundred distinct ones) because the weights never
+    change; the cache is keyed by token ids and lives on the encoders' device.
+    """
+
+    def __init__(self, mae: MAEEncoder, clip_text: CLIPTextEncoder, text_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.mae = mae
+        self.clip_text = clip_text.to(text_dtype)
+        self.requires_grad_(False)
+        self.eval()
+        self._text_cache: dict[bytes, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> "FrozenEncoders":
+        return super().train(False)  # frozen encoders never switch to training mode
+
+    def _apply(self, fn, recurse=True):
+        self._text_cache = {}  # moved or cast: cached embeddings are stale
+        return super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, S, S) normalised images -> cls (N, D), patches (N, P, D)."""
+        return self.mae(images)
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, E) float32 L2-normalised CLIP embeddings (as GR1-Training normalises them)."""
+        keys = [row.tobytes() for row in tokens.detach().to("cpu", torch.int32).numpy()]
+        missing = sorted({k for k in keys if k not in self._text_cache})
+        if missing:
+            rows = tokens[[keys.index(k) for k in missing]]
+            with torch.autocast(device_type=rows.device.type, enabled=False):
+                emb = self.clip_text(rows.long())
+                # Faithful to GR1-Training: divide by (norm + 1e-6) in CLIP's dtype, then cast to float.
+                emb = (emb / (emb.norm(dim=1, keepdim=True) + 1e-6)).float()
+            self._text_cache.update(zip(missing, emb))
+            if len(self._text_cache) > 65536:  # bound memory for pathological inputs
+                self._text_cache = dict(zip(missing, emb))
+        return torch.stack([self._text_cache[k] for k in keys])
