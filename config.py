@@ -109,6 +109,7 @@ class Config:
     eval_feature_cache: bool = True  # cache per-frame encoder features during evaluation
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # first official sequence to evaluate (with num_sequences: a slice)
+    exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) that load_config reads back to an equal Config."""
@@ -172,10 +173,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _unknown_key_error(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.5)
-    if not close:  # case-insensitive second chance (e.g. 'lmdb_path' for 'LMDB_path')
-        lower = {k.lower(): k for k in _FIELDS}
-        close = [lower[key.lower()]] if key.lower() in lower else []
+    lower = {k.lower(): k for k in _FIELDS}
+    if key.lower() in lower:  # e.g. 'lmdb_path' for 'LMDB_path'
+        close = [lower[key.lower()]]
+    else:
+        close = [lower[k] for k in difflib.get_close_matches(key.lower(), lower, n=1, cutoff=0.5)]
     hint = f"; did you mean '{close[0]}'?" if close else "; see config.py for the valid keys"
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 

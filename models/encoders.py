@@ -145,6 +145,28 @@ class FrozenEncoders(nn.Module):
         return self.mae(images)
 
     @torch.no_grad()
+    def encode_frames(self, images: dict[str, torch.Tensor], frame_mask: torch.Tensor | None = None
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """images[cam] (B, T, 3, S, S) -> features[cam] = (cls (B, T, F), patches (B, T, P, F)).
+
+        All cameras go through the MAE in one batch. With frame_mask (B, T), padded frames are not encoded (their
+        features are zero): GR-1 hides padded frames' tokens from every other token, so this changes no output.
+        """
+        cams = list(images)
+        B, T = images[cams[0]].shape[:2]
+        flat = torch.cat([images[c].flatten(0, 1) for c in cams])  # (n_cams B T, 3, S, S)
+        valid = None if frame_mask is None else (frame_mask.flatten() > 0).repeat(len(cams))
+        if valid is None or bool(valid.all()):
+            cls, patches = self.mae(flat)
+        else:
+            cls_v, patches_v = self.mae(flat[valid])
+            cls = cls_v.new_zeros((flat.shape[0],) + cls_v.shape[1:])
+            patches = patches_v.new_zeros((flat.shape[0],) + patches_v.shape[1:])
+            cls[valid], patches[valid] = cls_v, patches_v
+        cls, patches = cls.unflatten(0, (len(cams), B, T)), patches.unflatten(0, (len(cams), B, T))
+        return {c: (cls[i], patches[i]) for i, c in enumerate(cams)}
+
+    @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, E) float32 L2-normalised CLIP embeddings (as GR1-Training normalises them)."""
         keys = [row.tobytes() for row in tokens.detach().to("cpu", torch.int32).numpy()]

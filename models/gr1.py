@@ -210,12 +210,26 @@ class GR1(nn.Module):
         return x.reshape(B, T, -1, x.shape[-1])
 
     def forward(self, lang: torch.Tensor, arm_state: torch.Tensor, gripper_state: torch.Tensor,
-                frames: dict[str, torch.Tensor], attention_mask: torch.Tensor,
+                features: dict[str, tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor,
                 keep: Keep | None = None) -> dict[str, torch.Tensor]:
-        """Predictions from encoded observations.
+        """Predictions from frozen-encoder features (the training path; DDP wraps this call).
 
         lang (B, E) normalised CLIP embedding; arm_state (B, T, 6); gripper_state (B, T, 2) one-hot;
-        frames[cam] (B, T, Q+1, D) from frame_tokens; attention_mask (B, T) 1 for valid timesteps.
+        features[cam] = MAE (cls (B, T, F), patches (B, T, P, F)); attention_mask (B, T) 1 for valid timesteps.
+        See predict() for the outputs.
+        """
+        B, T = arm_state.shape[:2]
+        frames = {}
+        for cam, (cls, patches) in features.items():
+            tokens = self.frame_tokens(cls.flatten(0, 1), patches.flatten(0, 1), cam)  # (B T, Q+1, D)
+            frames[cam] = tokens.unflatten(0, (B, T))
+        return self.predict(lang, arm_state, gripper_state, frames, attention_mask, keep)
+
+    def predict(self, lang: torch.Tensor, arm_state: torch.Tensor, gripper_state: torch.Tensor,
+                frames: dict[str, torch.Tensor], attention_mask: torch.Tensor,
+                keep: Keep | None = None) -> dict[str, torch.Tensor]:
+        """Predictions from per-frame tokens (frames[cam] (B, T, Q+1, D) from frame_tokens; evaluation caches them).
+
         Returns arm_action (B, Ta, K, 6), gripper_action (B, Ta, K, 1) logits for the timesteps of
         keep.action_steps, and rgb_static_pred / rgb_gripper_pred (B, Tf, P, C) for keep.frame_steps.
         """
