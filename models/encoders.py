@@ -167,17 +167,22 @@ class FrozenEncoders(nn.Module):
         return {c: (cls[i], patches[i]) for i, c in enumerate(cams)}
 
     @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids -> (B, E) float32 L2-normalised CLIP embeddings (as GR1-Training normalises them)."""
+    def encode_text(self, tokens: torch.Tensor, cache: bool = True) -> torch.Tensor:
+        """(B, L) token ids -> (B, E) float32 L2-normalised CLIP embeddings (as GR1-Training normalises them).
+
+        cache=False recomputes every row (what GR1-Training does; used by the reference-style benchmark path)."""
+        if not cache:
+            return self._embed(tokens)
         keys = [row.tobytes() for row in tokens.detach().to("cpu", torch.int32).numpy()]
         missing = sorted({k for k in keys if k not in self._text_cache})
         if missing:
-            rows = tokens[[keys.index(k) for k in missing]]
-            with torch.autocast(device_type=rows.device.type, enabled=False):
-                emb = self.clip_text(rows.long())
-                # Faithful to GR1-Training: divide by (norm + 1e-6) in CLIP's dtype, then cast to float.
-                emb = (emb / (emb.norm(dim=1, keepdim=True) + 1e-6)).float()
-            self._text_cache.update(zip(missing, emb))
-            if len(self._text_cache) > 65536:  # bound memory for pathological inputs
-                self._text_cache = dict(zip(missing, emb))
+            if len(self._text_cache) + len(missing) > 65536:  # bound memory for pathological inputs
+                self._text_cache = {}
+            self._text_cache.update(zip(missing, self._embed(tokens[[keys.index(k) for k in missing]])))
         return torch.stack([self._text_cache[k] for k in keys])
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            emb = self.clip_text(tokens.long())
+            # Faithful to GR1-Training: divide by (norm + 1e-6) in CLIP's dtype, then cast to float.
+            return (emb / (emb.norm(dim=1, keepdim=True) + 1e-6)).float()

@@ -1,0 +1,145 @@
+"""Training pieces used by Main.py: optimiser, learning-rate schedule, one training / validation step, the resumable
+training state and checkpoint files. Main.py wires them together; nothing here parses arguments.
+
+Shape key: B batch, T window, K action chunk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from config import Config
+from models.encoders import FrozenEncoders
+from models.gr1 import Keep
+from models.losses import LOSS_NAMES, gr1_losses
+
+STATE_DIR = "state"  # save_path/state: the full training state of the last save (accelerate.save_state)
+
+
+# ---------------------------------------------------------------- optimiser and schedule
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (fused on CUDA). Weight decay applies to every trainable tensor, as in
+    GR1-Training."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr_max, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def cosine_with_warmup(step: float, warmup: float, total: float) -> float:
+    """LR factor: linear warm-up over `warmup` steps, then half a cosine to 0 at `total` (transformers' formula)."""
+    if step < warmup:
+        return step / max(1.0, warmup)
+    progress = (step - warmup) / max(1.0, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def lr_factor(update: int, cfg: Config, updates_per_epoch: int, batches_per_epoch: int, world: int,
+              dataset_len: int) -> float:
+    """LR factor for the `update`-th optimiser step (0-based).
+
+    'per_step': warm-up and cosine over optimiser steps; the first update already has a non-zero LR.
+    'reference': GR1-Training's staircase: the schedule advances once every print_steps batches, its length counted
+    in print intervals of len(dataset) // (print_steps * bs_per_gpu * processes), so the first print_steps batches
+    train with LR 0.
+    """
+    if cfg.lr_schedule == "per_step":
+        return cosine_with_warmup(update + 1, cfg.num_warmup_epochs * updates_per_epoch,
+                                  cfg.num_epochs * updates_per_epoch)
+    prints_per_epoch = dataset_len // (cfg.print_steps * cfg.bs_per_gpu * world)
+    batches_before = update * cfg.gradient_accumulation_steps
+    return cosine_with_warmup(batches_before // cfg.print_steps, cfg.num_warmup_epochs * prints_per_epoch,
+                              cfg.num_epochs * prints_per_epoch)
+
+
+# ---------------------------------------------------------------- steps
+
+def batch_images(preprocessor, batch: dict, train: bool) -> dict[str, torch.Tensor]:
+    static, gripper = preprocessor.process(batch["rgb_static"], batch["rgb_gripper"], train=train)
+    return {"static": static, "gripper": gripper}
+
+
+def compute_losses(model: nn.Module, encoders: FrozenEncoders, preprocessor, batch: dict, cfg: Config,
+                   train: bool) -> dict[str, torch.Tensor]:
+    """Preprocess, encode (frozen, no grad), predict and score one batch. Work whose result no loss uses is left
+    out: padded frames are not encoded and the last skip_frame steps are not decoded into frames."""
+    images = batch_images(preprocessor, batch, train)
+    frame_mask = batch["mask"][..., 0]  # (B, T) valid frames
+    features = encoders.encode_frames(images, frame_mask)
+    lang = encoders.encode_text(batch["inst_token"])
+    keep = Keep(frame_steps=list(range(cfg.seq_len - cfg.skip_frame)))
+    out = model(lang, batch["arm_state"], batch["gripper_state"], features, frame_mask, keep)
+    return gr1_losses(out, images, batch["actions"], batch["mask"], cfg.skip_frame, cfg.patch_size,
+                      not cfg.without_norm_pixel_loss, cfg.arm_loss_ratio)
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved with the optimiser state so that a resumed run continues exactly."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # batches of this epoch already trained
+    update: int = 0  # optimiser steps taken in total
+    batches: int = 0  # batches trained in total
+    best_val: float = float("inf")
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+# ---------------------------------------------------------------- saving
+
+def state_dirs(save_path: str) -> tuple[str, str, str]:
+    base = os.path.join(save_path, STATE_DIR)
+    return base, base + ".tmp", base + ".old"
+
+
+def save_training_state(accelerator, save_path: str) -> None:
+    """accelerate.save_state into a temporary folder, then swapped in, so a crash mid-save keeps the last state."""
+    final, tmp, old = state_dirs(save_path)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write("ok\n")
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def find_training_state(save_path: str) -> str | None:
+    """The last complete saved state (also after a crash between the folder swaps), or None."""
+    for path in state_dirs(save_path)[::2]:  # final, then .old
+        if os.path.isfile(os.path.join(path, "COMPLETE")):
+            return path
+    return None
+
+
+def write_json(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
+def mean_losses(totals: dict[str, float], count: int) -> dict[str, float]:
+    return {k: totals[k] / max(1, count) for k in totals}
+
+
+def empty_totals() -> dict[str, float]:
+    return {k: 0.0 for k in LOSS_NAMES + ("total",)}
