@@ -114,9 +114,11 @@ def set_egl_device(device: torch.device | str) -> int | None:
                        os.environ["EGL_VISIBLE_DEVICES"], cuda_id)
     try:
         egl_id = utils.get_egl_device_id(cuda_id)
-    except utils.EglDeviceNotFoundError:
-        # Faithful to GR1-Training: fall back to EGL device 0 (all processes then render on one GPU).
-        logger.warning("No EGL device found for cuda:%d; using EGL device 0 (see calvin_env's README on EGL)", cuda_id)
+    except (utils.EglDeviceNotFoundError, OSError, IndexError, ValueError) as error:
+        # Faithful to GR1-Training: fall back to EGL device 0 (all processes then render on one GPU). Unlike it,
+        # also when calvin_env's EGL probe (egl_check/, built with g++ on first use) cannot be built or run.
+        logger.warning("No EGL device found for cuda:%d (%r); using EGL device 0 (see calvin_env's README on EGL)",
+                       cuda_id, error)
         egl_id = 0
     os.environ["EGL_VISIBLE_DEVICES"] = str(egl_id)
     logger.info("EGL device %d <-> CUDA device %d", egl_id, cuda_id)
@@ -187,7 +189,9 @@ class CalvinEnv:
 def make_calvin_env(dataset_path: str, device: torch.device | str = "cpu") -> CalvinEnv:
     """The real CALVIN env for evaluation: the rendering config of `dataset_path` (a CALVIN split folder with
     validation/.hydra/merged_config.yaml) or, when dataset_path is '', the shipped scene-D config; rendering is
-    pinned to `device`'s GPU when it is a CUDA device (EGL), else EGL's default renderer is used."""
+    pinned to `device`'s GPU when it is a CUDA device (EGL), else EGL's default renderer is used.
+    Build one env per process (as GR1-Training does) and close it before building another: calvin_env talks to
+    pybullet's default client in places, so two live envs in one process would interfere."""
     render_config = load_render_config(dataset_path)
     set_egl_device(device)
     return CalvinEnv(_build_sim(render_config))

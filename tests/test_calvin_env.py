@@ -83,8 +83,40 @@ def test_no_egl_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "EGL_VISIBLE_DEVICES" not in os.environ
 
 
+class FakeEglUtils:
+    """Stands in for calvin_env.utils.utils: EGL device of each CUDA device (or none found)."""
+
+    class EglDeviceNotFoundError(Exception):
+        pass
+
+    def __init__(self, egl_of_cuda: dict[int, int]) -> None:
+        self.egl_of_cuda = egl_of_cuda
+
+    def get_egl_device_id(self, cuda_id: int) -> int:
+        if cuda_id not in self.egl_of_cuda:
+            raise self.EglDeviceNotFoundError(cuda_id)
+        return self.egl_of_cuda[cuda_id]
+
+
+def test_egl_device_follows_the_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EGL_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(backend.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend.torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(backend, "_import", lambda name: FakeEglUtils({1: 5, 2: 7}))
+    assert backend.set_egl_device("cuda:1") == 5 and os.environ["EGL_VISIBLE_DEVICES"] == "5"
+    assert backend.set_egl_device("cuda") == 7 and os.environ["EGL_VISIBLE_DEVICES"] == "7"  # current device
+    assert backend.set_egl_device("cuda:3") == 0 and os.environ["EGL_VISIBLE_DEVICES"] == "0"  # not found: 0
+    assert backend.set_egl_device("cpu") is None and os.environ["EGL_VISIBLE_DEVICES"] == "0"  # CPU: untouched
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # With the real simulator
+
+
+@needs_calvin_env
+def test_dataset_folder_without_config_is_explained(tmp_path: Any) -> None:
+    with pytest.raises(FileNotFoundError, match="validation/.hydra/merged_config.yaml"):
+        backend.make_calvin_env(str(tmp_path), "cpu")
 
 
 def golden_actions(golden: dict) -> np.ndarray:
@@ -122,21 +154,22 @@ def build_capturing_renderer(dataset_path: str) -> tuple[backend.CalvinEnv, str]
     return env, renderer
 
 
-def golden_run(dataset_path: str, golden: dict) -> Iterator[dict[str, Any]]:
-    """A fresh env, reset to sequence 0's initial state, get_obs(), then the 60 golden actions (the golden file's
-    recipe: a fresh env matters, since calvin_env's reset does not clear all simulator state)."""
+def golden_run(dataset_path: str, golden: dict, n_steps: int = 60) -> Iterator[dict[str, Any]]:
+    """A fresh env, reset to sequence 0's initial state, get_obs(), then the first n_steps golden actions (the golden
+    file's recipe: a fresh env matters, since calvin_env's reset does not clear all simulator state)."""
     env, renderer = build_capturing_renderer(dataset_path)
     try:
         env.reset(robot_obs=np.array(golden["reset_robot_obs"]), scene_obs=np.array(golden["reset_scene_obs"]))
         first = env.get_obs()
         start_info = env.get_info()
-        steps = [env.step(action) for action in golden_actions(golden)]
+        steps = [env.step(action) for action in golden_actions(golden)[:n_steps]]
         yield {"env": env, "renderer": renderer, "first": first, "start_info": start_info, "steps": steps}
     finally:
         env.close()
 
 
 def check_golden(run: dict[str, Any], golden: dict) -> None:
+    golden = {"steps": golden["steps"][: len(run["steps"])]}
     robot = np.array([obs["robot_obs"] for obs, *_ in run["steps"]])
     scene = np.array([obs["scene_obs"] for obs, *_ in run["steps"]])
     np.testing.assert_allclose(robot, [s["robot_obs"] for s in golden["steps"]], rtol=0, atol=STATE_ATOL)
@@ -226,7 +259,9 @@ class TestDatasetConfig:
 
     @pytest.fixture(scope="class")
     def run(self, golden: dict) -> Iterator[dict[str, Any]]:
-        yield from golden_run(shared_path("calvin", "mini_calvin"), golden)
+        # 30 steps (the gripper closes at step 20) keep it short: test_shipped_config_equals_dataset_config and the
+        # full rollout of TestShippedConfig cover the rest.
+        yield from golden_run(shared_path("calvin", "mini_calvin"), golden, n_steps=30)
 
     @pytest.fixture(scope="class")
     def frame(self) -> Callable[[int], dict]:
