@@ -34,6 +34,9 @@ MAX_REL_POS = 0.02  # metres per unit of relative action (calvin_env's max_rel_p
 MAX_REL_ORN = 0.05  # radians per unit of relative action (calvin_env's max_rel_orn)
 ARM_FORCE = 200.0  # N·m, position motors of the arm (calvin_env's max_joint_force)
 ARM_MAX_VELOCITY = 2.0  # rad/s (calvin_env's max_velocity)
+# pybullet's default position gain (0.1) leaves ~40 % of a step's motion for later steps, so the TCP trails the
+# target by ~1 cm; 0.5 makes it follow within a few mm, so recorded TCP displacements replay the same motion.
+ARM_POSITION_GAIN = 0.5
 GRIPPER_CLOSE_FORCE = 40.0  # N per finger
 GRIPPER_OPEN_FORCE = 10.0
 GRIPPER_MAX_VELOCITY = 0.2  # m/s per finger (the URDF's limit)
@@ -205,7 +208,8 @@ class BuiltinEnv:
         self._target_euler = np.array(p.getEulerFromQuaternion(tcp_orn), dtype=np.float64)
         for joint, q in zip(sc.ARM_JOINTS, joints):
             p.setJointMotorControl2(robot, joint, p.POSITION_CONTROL, targetPosition=q, force=ARM_FORCE,
-                                    maxVelocity=ARM_MAX_VELOCITY, physicsClientId=cid)
+                                    maxVelocity=ARM_MAX_VELOCITY, positionGain=ARM_POSITION_GAIN,
+                                    physicsClientId=cid)
         self._command_gripper(self._gripper_action)
 
     def _reset_scene(self, scene_obs: np.ndarray) -> None:
@@ -232,7 +236,8 @@ class BuiltinEnv:
         joints = np.clip(joints[:len(sc.ARM_JOINTS)], sc.ARM_LOWER, sc.ARM_UPPER)
         for joint, q in zip(sc.ARM_JOINTS, joints):
             p.setJointMotorControl2(robot, joint, p.POSITION_CONTROL, targetPosition=q, force=ARM_FORCE,
-                                    maxVelocity=ARM_MAX_VELOCITY, physicsClientId=cid)
+                                    maxVelocity=ARM_MAX_VELOCITY, positionGain=ARM_POSITION_GAIN,
+                                    physicsClientId=cid)
 
     def _command_gripper(self, gripper_action: int) -> None:
         target, force = (sc.FINGER_OPEN, GRIPPER_OPEN_FORCE) if gripper_action > 0 else (0.0, GRIPPER_CLOSE_FORCE)

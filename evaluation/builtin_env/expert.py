@@ -27,11 +27,11 @@ PUSH_Z = sc.TABLE_TOP_Z + 0.017  # TCP height for pushing: the fingertips (1 cm 
 GRASP_Z = sc.TABLE_TOP_Z + 0.022  # TCP height for grasping (fingers cover the cube's lower 4.5 cm)
 LIFT_Z = sc.TABLE_TOP_Z + 0.14
 PUSH_CLEARANCE = 0.058  # m from the cube's centre to the pusher before contact (a turned cube's corner + finger)
-PUSH_TRAVEL = 0.13  # m the cube is pushed (the oracle wants > 0.1)
+PUSH_TRAVEL = 0.15  # m the cube is pushed (the oracle wants > 0.1; the margin absorbs slips and turns)
 FINGER_HALF = 0.01  # m, half the closed fingers' thickness along the push
-PRESS_Z = sc.BUTTON_CAP_TOP_Z - 0.005  # TCP height that pushes the cap 1.5 cm down (it triggers past 1 cm)
+PRESS_Z = sc.BUTTON_CAP_TOP_Z - 0.01  # fingertips (1 cm below the TCP) 2 cm into the cap: its full travel
 FAST, SLOW = 0.014, 0.009  # m per step along a path (0.7 and 0.45 of the action unit)
-REACH_TOLERANCE = 0.006  # m between the measured TCP and a waypoint before the next one starts
+REACH_TOLERANCE = 0.003  # m between the measured TCP and a waypoint before the next one starts
 MAX_WAIT = 15  # steps a waypoint may wait for the arm to arrive
 
 
@@ -40,6 +40,7 @@ class Waypoint:
     pos: tuple[float, float, float]
     gripper: float
     speed: float = FAST
+    yaw: float = 0.0  # gripper yaw relative to the home pose (radians), reached at MAX_REL_ORN per step
     hold: int = 0  # extra steps to stay once there (e.g. to let the gripper close)
     precise: bool = False  # wait until the measured TCP is within REACH_TOLERANCE
 
@@ -52,27 +53,34 @@ class ScriptedExpert:
             raise ValueError(f"unknown task {task!r}; the built-in scene has {list(TASKS)}")
         self.env = env
         self.task = task
-        target_pos, target_euler = env.target_pose
-        self._euler = np.array(sc.HOME_TCP_EULER)
-        self._plan = _plan(TASKS[task], target_pos, env.get_scene_obs())
+        self._spec = TASKS[task]
+        # Rise first (with the gripper as it is: opening beside a cube would shove it), then plan the task from
+        # where the cubes are at that moment.
+        gripper = OPEN if env.get_robot_obs()[14] > 0 else CLOSE
+        self._plan = _rise(env.target_pose[0], gripper)
+        self._task_planned = False
         self._index = 0
         self._waited = 0
 
     @property
     def done(self) -> bool:
-        return self._index >= len(self._plan)
+        return self._task_planned and self._index >= len(self._plan)
 
     def act(self) -> np.ndarray:
         """The next (7,) relative action; after the plan ends, a zero motion that keeps the last gripper command."""
         target_pos, target_euler = self.env.target_pose
+        if not self._task_planned and self._index >= len(self._plan):
+            self._plan += _task_plan(self._spec, self.env.get_scene_obs())
+            self._task_planned = True
         if self.done:
             return np.array([0, 0, 0, 0, 0, 0, self._plan[-1].gripper])
         waypoint = self._plan[self._index]
         delta = np.array(waypoint.pos) - target_pos
         distance = float(np.linalg.norm(delta))
         move = delta if distance <= waypoint.speed else delta * (waypoint.speed / distance)
-        turn = np.clip(_wrap(self._euler - target_euler), -MAX_REL_ORN, MAX_REL_ORN)
-        if distance <= waypoint.speed:
+        euler = np.array(sc.HOME_TCP_EULER) + (0.0, 0.0, waypoint.yaw)
+        turn = np.clip(_wrap(euler - target_euler), -MAX_REL_ORN, MAX_REL_ORN)
+        if distance <= waypoint.speed and np.all(np.abs(turn) < MAX_REL_ORN):
             self._advance_when_there(waypoint)
         return np.concatenate([move / MAX_REL_POS, turn / MAX_REL_ORN, [waypoint.gripper]])
 
@@ -97,25 +105,25 @@ def _rise(start: np.ndarray, gripper: float) -> list[Waypoint]:
     return [Waypoint((start[0], start[1], SAFE_Z), gripper)]
 
 
-def _plan(spec: TaskSpec, start: np.ndarray, scene_obs: np.ndarray) -> list[Waypoint]:
+def _task_plan(spec: TaskSpec, scene_obs: np.ndarray) -> list[Waypoint]:
+    """Waypoints from the travel height to the task's end."""
     if spec.kind == "led":
         x, y = sc.BUTTON_XY
-        return [*_rise(start, CLOSE),
-                Waypoint((x, y, SAFE_Z), CLOSE),
+        return [Waypoint((x, y, SAFE_Z), CLOSE),
                 Waypoint((x, y, PRESS_Z), CLOSE, SLOW, precise=True),
                 Waypoint((x, y, SAFE_Z), CLOSE)]
     block = scene_obs[sc.block_slice(sc.BLOCK_NAMES.index(spec.block))]
-    x, y = float(block[0]), float(block[1])
+    x, y, yaw = float(block[0]), float(block[1]), float(block[5])
     if spec.kind == "push":
         side = x - spec.direction * PUSH_CLEARANCE
         end = x + spec.direction * (PUSH_TRAVEL - sc.BLOCK_HALF - FINGER_HALF)  # pusher stops where the cube should
-        return [*_rise(start, CLOSE),
-                Waypoint((side, y, SAFE_Z), CLOSE),
+        return [Waypoint((side, y, SAFE_Z), CLOSE),
                 Waypoint((side, y, PUSH_Z), CLOSE, precise=True),
                 Waypoint((end, y, PUSH_Z), CLOSE, SLOW),
                 Waypoint((end, y, PUSH_Z + 0.06), CLOSE)]
-    return [*_rise(start, OPEN),  # lift
-            Waypoint((x, y, SAFE_Z), OPEN),
-            Waypoint((x, y, GRASP_Z), OPEN, SLOW, precise=True),
-            Waypoint((x, y, GRASP_Z), CLOSE, hold=6),
-            Waypoint((x, y, LIFT_Z), CLOSE, SLOW)]
+    # lift: turn the fingers square to the cube's faces (a cube looks the same every 90 degrees)
+    turn = (yaw + np.pi / 4) % (np.pi / 2) - np.pi / 4
+    return [Waypoint((x, y, SAFE_Z), OPEN, yaw=turn),
+            Waypoint((x, y, GRASP_Z), OPEN, SLOW, turn, precise=True),
+            Waypoint((x, y, GRASP_Z), CLOSE, yaw=turn, hold=6),
+            Waypoint((x, y, LIFT_Z), CLOSE, SLOW, turn)]
