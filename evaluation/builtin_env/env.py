@@ -52,18 +52,18 @@ _IK_REST = list(sc.HOME_JOINTS) + [sc.FINGER_OPEN, sc.FINGER_OPEN]
 
 class BuiltinEnv:
     """The built-in scene; one pybullet DIRECT client per instance. Deterministic: the same reset arguments and
-    actions give the same states and images, whatever ran before (reset restores a snapshot taken at construction,
-    so no contact cache or velocity survives it)."""
+    actions give the same states and images, whatever ran before, because reset rebuilds the world from nothing
+    (~30 ms): bullet keeps contact manifolds and broadphase pairs outside restoreState's snapshots, and a pair that
+    survives from earlier steps changes the first contacts after a reset."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, render: bool = True) -> None:
+        """seed: random layouts of reset(scene_obs=None). render=False skips both cameras (images and depth are
+        zeros of the right shapes): for the expert's tests and for state-only use; nothing else changes."""
+        self.render = render
         self._cid = p.connect(p.DIRECT)
         if self._cid < 0:
             raise RuntimeError("could not start a pybullet DIRECT client")
-        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=self._cid)
-        p.setTimeStep(1.0 / PHYSICS_HZ, physicsClientId=self._cid)
-        p.setGravity(0.0, 0.0, -9.81, physicsClientId=self._cid)
-        self.ids = sc.build_scene(self._cid)
-        self._clean_state = p.saveState(physicsClientId=self._cid)
+        self.ids = self._build_world()
         self._rng = np.random.default_rng(seed)  # random layouts for reset(scene_obs=None), as calvin_env's seed
         self._static_view, self._static_projection = sc.static_camera_matrices()
         self._target_pos = np.zeros(3)
@@ -95,12 +95,14 @@ class BuiltinEnv:
         robot_obs = sc.HOME_ROBOT_OBS if robot_obs is None else _checked(robot_obs, ROBOT_OBS_SIZE, "robot_obs")
         scene_obs = (random_scene_obs(self._rng) if scene_obs is None
                      else _checked(scene_obs, sc.SCENE_OBS_SIZE, "scene_obs"))
-        p.restoreState(self._clean_state, physicsClientId=self._cid)
+        ids = self._build_world()
+        if ids != self.ids:
+            raise RuntimeError(f"rebuilding the scene gave other body ids: {ids} != {self.ids}")
         self._reset_robot(robot_obs)
         self._reset_scene(scene_obs)
         p.stepSimulation(physicsClientId=self._cid)  # as calvin_env
-        # The step's collision pass runs before the teleported bodies' new pairs exist; refresh the contacts so that
-        # the first info already shows every cube resting on the table (the push and lift oracles need it).
+        # The step's collision pass ran before the teleported bodies' pairs existed; refresh the contacts so that the
+        # first info already shows every cube resting on the table (the push and lift oracles need it).
         p.performCollisionDetection(physicsClientId=self._cid)
         return self.get_obs()
 
@@ -120,6 +122,12 @@ class BuiltinEnv:
         return self.get_obs(), 0.0, False, self.get_info()
 
     def get_obs(self) -> dict:
+        if not self.render:
+            return {"rgb_obs": {"rgb_static": np.zeros((sc.STATIC_SIZE, sc.STATIC_SIZE, 3), np.uint8),
+                                "rgb_gripper": np.zeros((sc.GRIPPER_SIZE, sc.GRIPPER_SIZE, 3), np.uint8)},
+                    "depth_obs": {"depth_static": np.zeros((sc.STATIC_SIZE, sc.STATIC_SIZE), np.float32),
+                                  "depth_gripper": np.zeros((sc.GRIPPER_SIZE, sc.GRIPPER_SIZE), np.float32)},
+                    "robot_obs": self.get_robot_obs(), "scene_obs": self.get_scene_obs()}
         rgb_static, depth_static = self._render(self._static_view, self._static_projection, sc.STATIC_SIZE,
                                                 sc.STATIC_NEAR, sc.STATIC_FAR)
         hand_pos, hand_orn = p.getLinkState(self.ids.robot, sc.HAND_LINK, computeForwardKinematics=True,
@@ -193,6 +201,14 @@ class BuiltinEnv:
         return self._target_pos.copy(), self._target_euler.copy()
 
     # ---- internals ----
+    def _build_world(self) -> sc.SceneIds:
+        cid = self._cid
+        p.resetSimulation(physicsClientId=cid)
+        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=cid)
+        p.setTimeStep(1.0 / PHYSICS_HZ, physicsClientId=cid)
+        p.setGravity(0.0, 0.0, -9.81, physicsClientId=cid)
+        return sc.build_scene(cid)
+
     def _reset_robot(self, robot_obs: np.ndarray) -> None:
         cid, robot = self._cid, self.ids.robot
         joints = robot_obs[7:14]

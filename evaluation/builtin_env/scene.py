@@ -188,6 +188,9 @@ def build_scene(cid: int) -> SceneIds:
     robot = _load_low_poly_panda(cid)
     button = _make_button(cid)
     blocks = {name: _make_block(cid, name) for name in BLOCK_NAMES}
+    # A body that falls asleep stops moving until touched; keep everything awake so motion never depends on that.
+    for body in (robot, button, *blocks.values()):
+        p.changeDynamics(body, -1, activationState=p.ACTIVATION_STATE_DISABLE_SLEEPING, physicsClientId=cid)
     return SceneIds(table=table, robot=robot, button=button, blocks=blocks)
 
 
