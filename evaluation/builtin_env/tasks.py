@@ -1,13 +1,12 @@
 """Tasks of the built-in scene: names (CALVIN's), instructions, and the task oracle (evaluation/interfaces.py
 TaskOracle) with CALVIN's checks (calvin_env Tasks, conf/tasks/new_playtable_tasks.yaml) on this scene's info dicts.
 
-| task | check between start_info and end_info (CALVIN's) |
-|---|---|
-| push_<colour>_block_right / _left | the cube moved > 0.1 m in +x / -x; it touched something other than the robot at the
-  start and at the end, and its non-robot (body, link) contacts at the start are a subset of those at the end |
-| lift_<colour>_block_table | the cube rose > 0.05 m; at the end it touches the robot and nothing else; at the start
-  it touched the table top |
-| turn_on_led / turn_off_led | the LED's logical state was 0 / 1 at the start and is 1 / 0 at the end |
+Checks between start_info and end_info (CALVIN's):
+- push_<colour>_block_right / _left: the cube moved > 0.1 m in +x / -x; it touched something other than the robot
+  at the start and at the end, and its non-robot (body, link) contacts at the start are a subset of those at the end.
+- lift_<colour>_block_table: the cube rose > 0.05 m; at the end it touches the robot and nothing else; at the start
+  it touched the table top.
+- turn_on_led / turn_off_led: the LED's logical state was 0 / 1 at the start and is 1 / 0 at the end.
 """
 from __future__ import annotations
 
