@@ -33,6 +33,20 @@ def _scene_obs(led: int = 0, columns: tuple[int, int, int] = (0, 0, 0), seed: in
 
 
 # ---- interface ----
+def test_implements_the_evaluation_interfaces() -> None:
+    """Same method names and parameter names as evaluation/interfaces.py's EvalEnv and TaskOracle."""
+    import inspect
+
+    from evaluation.interfaces import EvalEnv, TaskOracle
+
+    for protocol, implementation in ((EvalEnv, BuiltinEnv), (TaskOracle, BuiltinTaskOracle)):
+        for name, method in inspect.getmembers(protocol, inspect.isfunction):
+            if name.startswith("_"):
+                continue
+            expected = list(inspect.signature(method).parameters)
+            assert list(inspect.signature(getattr(implementation, name)).parameters) == expected, name
+
+
 def test_observation_shapes_and_dtypes(env: BuiltinEnv) -> None:
     obs = env.reset(sc.HOME_ROBOT_OBS, _scene_obs())
     assert obs["rgb_obs"]["rgb_static"].shape == (200, 200, 3) and obs["rgb_obs"]["rgb_static"].dtype == np.uint8

@@ -123,8 +123,8 @@ def test_recorded_window_replays(recording: str) -> None:
 
 def test_recording_does_not_depend_on_workers(tmp_path: str) -> None:
     tasks = ("turn_on_led", "turn_off_led")
-    one = record_dataset(os.path.join(tmp_path, "one"), 2, 1, seed=1, tasks_per_episode=1, tasks=tasks, workers=1)
-    two = record_dataset(os.path.join(tmp_path, "two"), 2, 1, seed=1, tasks_per_episode=1, tasks=tasks, workers=2)
+    one = record_dataset(os.path.join(tmp_path, "one"), 1, 1, seed=1, tasks_per_episode=1, tasks=tasks, workers=1)
+    two = record_dataset(os.path.join(tmp_path, "two"), 1, 1, seed=1, tasks_per_episode=1, tasks=tasks, workers=2)
     assert one["episodes"] == two["episodes"]
     last = two["splits"]["validation"]["frame_ids"][1]
     for frame_id in (0, last):

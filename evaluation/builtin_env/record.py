@@ -303,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tasks chained in one episode (one language window each)")
     parser.add_argument("--tasks", default=",".join(TASK_NAMES),
                         help="comma-separated task names to draw from (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds every episode (with its split and index)")
     parser.add_argument("--workers", type=int, default=1, help="processes recording episodes in parallel")
     return parser.parse_args(argv)
 
