@@ -72,11 +72,11 @@ def make_plan(input_dir: str, splits: tuple[str, ...] = cf.SPLITS) -> Plan:
     return Plan(input_dir, tuple(segments), tuple(first_step), split_info, digest)
 
 
-def check_frames_exist(plan: Plan, first_segment: int = 0) -> None:
-    """Fail before writing anything if an episode file of a remaining segment is missing (names the first one)."""
+def check_frames_exist(plan: Plan) -> None:
+    """Fail before writing anything if an episode file is missing (names the first one)."""
     seen: set[tuple[str, int]] = set()
     missing: list[str] = []
-    for segment in plan.segments[first_segment:]:
+    for segment in plan.segments:
         split_dir = os.path.join(plan.input_dir, segment.split)
         for frame_id in range(segment.start, segment.end + 1):
             if (segment.split, frame_id) in seen:
@@ -241,8 +241,8 @@ def convert(input_dir: str, output_dir: str, workers: int = 1, commit_every: int
     max_segments: stop after committing this many segments in total (for tests of resuming).
     """
     plan = make_plan(input_dir)  # input errors surface before the output is touched
+    check_frames_exist(plan)
     if overwrite:
-        check_frames_exist(plan)
         remove_lmdb(output_dir)
     env = open_output(output_dir, map_size)
     try:
@@ -252,7 +252,6 @@ def convert(input_dir: str, output_dir: str, workers: int = 1, commit_every: int
             raise ConversionError(f"{output_dir} was started {'with' if info['inst_emb'] else 'without'} inst_emb "
                                   f"(CLIP weights {'found' if info['inst_emb'] else 'not configured'}); resume with "
                                   "the same clip_ckpt setting or use --overwrite")
-        check_frames_exist(plan, start)
         info = info or new_info(plan, embedder is not None)
         instructions = Instructions.build([s.text for s in plan.segments], embedder)
         end = len(plan.segments) if max_segments is None else min(len(plan.segments), max_segments)

@@ -11,9 +11,11 @@ Shape key: T window (seq_len), K action chunk (chunk_size), H/W camera pixels (2
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import lmdb
 import numpy as np
@@ -40,6 +42,19 @@ def open_lmdb(path: str) -> lmdb.Environment:
         _ENVIRONMENTS[key] = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False,
                                        max_readers=4096)
     return _ENVIRONMENTS[key]
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[lmdb.Environment]:
+    """A read-only handle for a short read: this process's cached one if open, else one closed afterwards (so that
+    a converter in this process can reopen the path for writing)."""
+    cached = (os.getpid(), os.path.realpath(path)) in _ENVIRONMENTS
+    env = open_lmdb(path)
+    try:
+        yield env
+    finally:
+        if not cached:
+            close_lmdb(path)
 
 
 def close_lmdb(path: str) -> None:
@@ -74,23 +89,17 @@ def read_index(path: str) -> LMDBIndex:
     if not os.path.isfile(os.path.join(path, "data.mdb")):
         raise FileNotFoundError(f"LMDB_path {path!r} has no data.mdb: convert CALVIN first (python calvin2lmdb.py "
                                 f"--input_dir <task_ABC_D> --output_dir {path}) or set LMDB_path")
-    cached = (os.getpid(), os.path.realpath(path)) in _ENVIRONMENTS
-    env = open_lmdb(path)
-    try:
-        with env.begin() as txn:
-            info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
-            if info is not None and not info.get("complete"):
-                raise DatasetError(f"LMDB {path} is an unfinished conversion ({info.get('segments_done')} of "
-                                   f"{info.get('num_segments')} segments): re-run the same calvin2lmdb.py command "
-                                   "to finish it")
-            last = txn.get(cf.CUR_STEP_KEY)
-            if last is None:
-                raise DatasetError(f"LMDB {path} has no 'cur_step' key: it is empty or not a GR1/CALVIN LMDB")
-            num_steps = int(cf.loads_value(last)) + 1
-            episodes = _read_episode_ids(txn, num_steps, path)
-    finally:
-        if not cached:  # leave no handle behind: the converter may reopen this path for writing
-            close_lmdb(path)
+    with reading(path) as env, env.begin() as txn:
+        info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
+        if info is not None and not info.get("complete"):
+            raise DatasetError(f"LMDB {path} is an unfinished conversion ({info.get('segments_done')} of "
+                               f"{info.get('num_segments')} segments): re-run the same calvin2lmdb.py command "
+                               "to finish it")
+        last = txn.get(cf.CUR_STEP_KEY)
+        if last is None:
+            raise DatasetError(f"LMDB {path} has no 'cur_step' key: it is empty or not a GR1/CALVIN LMDB")
+        num_steps = int(cf.loads_value(last)) + 1
+        episodes = _read_episode_ids(txn, num_steps, path)
     return LMDBIndex(path, episodes, info)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import os
 import shutil
 
-import lmdb
 import numpy as np
 import pytest
 import torch
 
 from conftest import shared_path
 from data.convert import convert
+from data.lmdb_dataset import reading
 
 
 def mini_calvin() -> str:
@@ -18,13 +18,9 @@ def mini_calvin() -> str:
 
 
 def lmdb_contents(path: str) -> dict[bytes, bytes]:
-    """Every key and value of an LMDB (opened and closed here, so a later writer can reopen the path)."""
-    env = lmdb.open(path, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return dict(txn.cursor())
-    finally:
-        env.close()
+    """Every key and value of an LMDB."""
+    with reading(path) as env, env.begin() as txn:
+        return dict(txn.cursor())
 
 
 def assert_items_equal(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], where: str) -> None:
