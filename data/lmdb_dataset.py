@@ -31,24 +31,28 @@ class DatasetError(ConfigError):
     report it in one line like any other setup mistake.)"""
 
 
-_ENVIRONMENTS: dict[tuple[int, str], lmdb.Environment] = {}
+_ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}  # real path -> (pid that opened it, handle)
 
 
 def open_lmdb(path: str) -> lmdb.Environment:
-    """This process's read-only, lock-free handle of the LMDB at `path` (py-lmdb allows one per path and process;
+    """This process's read-only, lock-free handle of the LMDB at `path` (py-lmdb allows one per file and process;
     lock-free works on read-only media and with any number of reader processes)."""
-    key = (os.getpid(), os.path.realpath(path))
-    if key not in _ENVIRONMENTS:
-        _ENVIRONMENTS[key] = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False,
-                                       max_readers=4096)
-    return _ENVIRONMENTS[key]
+    key = os.path.realpath(path)
+    pid, env = _ENVIRONMENTS.get(key, (None, None))
+    if pid == os.getpid():
+        return env
+    if env is not None:  # inherited through fork: release this process's copy, then open our own
+        env.close()
+    env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False, max_readers=4096)
+    _ENVIRONMENTS[key] = (os.getpid(), env)
+    return env
 
 
 @contextlib.contextmanager
 def reading(path: str) -> Iterator[lmdb.Environment]:
     """A read-only handle for a short read: this process's cached one if open, else one closed afterwards (so that
     a converter in this process can reopen the path for writing)."""
-    cached = (os.getpid(), os.path.realpath(path)) in _ENVIRONMENTS
+    cached = _ENVIRONMENTS.get(os.path.realpath(path), (None,))[0] == os.getpid()
     env = open_lmdb(path)
     try:
         yield env
@@ -59,7 +63,7 @@ def reading(path: str) -> Iterator[lmdb.Environment]:
 
 def close_lmdb(path: str) -> None:
     """Close this process's handle of `path`, if any."""
-    env = _ENVIRONMENTS.pop((os.getpid(), os.path.realpath(path)), None)
+    _, env = _ENVIRONMENTS.pop(os.path.realpath(path), (None, None))
     if env is not None:
         env.close()
 

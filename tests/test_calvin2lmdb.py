@@ -108,7 +108,10 @@ def test_resume_after_failure_gives_identical_content(mini_lmdb, tmp_path):
 def _segments_done(path: str) -> int:
     if not os.path.exists(os.path.join(path, "data.mdb")):
         return 0
-    env = lmdb.open(path, readonly=True, lock=False)
+    try:  # the writer may be creating the file right now
+        env = lmdb.open(path, readonly=True, lock=False)
+    except lmdb.Error:
+        return 0
     try:
         with env.begin() as txn:
             info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
@@ -129,8 +132,10 @@ def test_resume_after_sigkill_gives_identical_content(mini_lmdb, tmp_path):
     deadline = time.time() + 60
     while _segments_done(out) < 1 and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    finished_early = process.poll() is not None
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    output = process.communicate()[0]
+    assert not finished_early, f"the converter ended before it could be killed:\n{output}"
     done = _segments_done(out)
     assert 1 <= done < len(WINDOWS), f"the kill should land mid-conversion (segments done: {done})"
     finished = _run_cli(*args)

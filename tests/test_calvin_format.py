@@ -5,13 +5,13 @@ import pickle
 import pickletools
 import re
 
-import lmdb
 import numpy as np
 import pytest
 import torch
 
 from conftest import shared_path
 from data import calvin_format as cf
+from data.lmdb_dataset import reading
 
 ARRAYS = [np.arange(7, dtype=np.float64) / 3, np.linspace(-1, 1, 15, dtype=np.float32), np.arange(77, dtype=np.int32),
           np.arange(300).astype(np.uint8), np.linspace(0, 1, 512).astype(np.float16), np.array(3.5),
@@ -45,10 +45,8 @@ def test_storage_blob_equals_torchs_up_to_the_storage_key(array):
 def test_loads_value_reads_every_value_of_the_reference_lmdb(monkeypatch, fast_path):
     if not fast_path:  # the general parser, used when a storage is not laid out exactly as torch writes it today
         monkeypatch.setattr(cf, "_storage_fast_path", lambda blob: None)
-    env = lmdb.open(shared_path("fixtures", "tiny_calvin_lmdb"), readonly=True, lock=False, create=False)
-    with env.begin() as txn:
+    with reading(shared_path("fixtures", "tiny_calvin_lmdb")) as env, env.begin() as txn:
         values = dict(txn.cursor())
-    env.close()
     assert len(values) == 162
     for key, value in values.items():
         ours, theirs = cf.loads_value(value), pickle.loads(value)
@@ -68,14 +66,12 @@ def test_loads_value_reads_non_contiguous_tensors_and_refuses_other_globals():
 def test_jpeg_decode_gives_the_reference_pixels():
     """The fixture LMDB holds torchvision-encoded JPEGs; GR1-Training's items hold torchvision's decoded pixels."""
     items = torch.load(shared_path("fixtures", "tiny_calvin_lmdb_items.pt"))["items"]
-    env = lmdb.open(shared_path("fixtures", "tiny_calvin_lmdb"), readonly=True, lock=False, create=False)
-    with env.begin() as txn:
+    with reading(shared_path("fixtures", "tiny_calvin_lmdb")) as env, env.begin() as txn:
         for step in range(4):  # item 0 shows steps 0..3
             for cam, size in cf.CAMERA_SIZES.items():
                 jpeg = cf.loads_value(txn.get(cf.step_key(cam, step)))
                 assert np.array_equal(cf.decode_jpeg_chw(jpeg, size), items[0][cam][step].numpy())
                 assert np.array_equal(cf.decode_jpeg(jpeg, size).transpose(2, 0, 1), items[0][cam][step].numpy())
-    env.close()
 
 
 def test_jpeg_encode_is_deterministic_and_close_and_errors_are_clear():
