@@ -43,7 +43,7 @@ def open_lmdb(path: str) -> lmdb.Environment:
         return env
     if env is not None:  # inherited through fork: release this process's copy, then open our own
         env.close()
-    env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False, max_readers=4096)
+    env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False)
     _ENVIRONMENTS[key] = (os.getpid(), env)
     return env
 
@@ -73,7 +73,7 @@ class LMDBIndex:
     """What a dataset needs to know about the whole LMDB, read once: the segment of every step and the splits."""
 
     path: str
-    episode_of_step: np.ndarray  # int64 (N,): cur_episode_{s}
+    episode_of_step: np.ndarray  # int32 (N,): cur_episode_{s}
     info: dict | None  # conversion_info written by this project's converter (None: GR1-Training's LMDB)
 
     @property
@@ -110,7 +110,7 @@ def read_index(path: str) -> LMDBIndex:
 def _read_episode_ids(txn: lmdb.Transaction, num_steps: int, path: str) -> np.ndarray:
     """cur_episode_{s} for every step, by one ordered scan of the cur_episode_ keys."""
     prefix = b"cur_episode_"
-    episodes = np.full(num_steps, -1, dtype=np.int64)
+    episodes = np.full(num_steps, -1, dtype=np.int32)
     cursor = txn.cursor()
     if cursor.set_range(prefix):
         for key, value in cursor:

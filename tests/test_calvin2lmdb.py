@@ -207,3 +207,23 @@ def test_inst_emb_written_with_a_text_encoder(tmp_path):
     with pytest.raises(ConversionError, match="already a complete"):
         convert(root, str(tmp_path / "out"), embedder=embed, progress=False)
     close_lmdb(str(tmp_path / "out"))
+
+
+def test_inst_emb_from_configured_clip_weights(tmp_path):
+    """calvin2lmdb.text_embedder: clip_ckpt set and present -> inst_emb = build_encoders(cfg).clip_text(tokens);
+    absent -> None (not written)."""
+    import calvin2lmdb
+    from config import Config
+    from models.build import build_encoders
+    from models.encoders import CLIPTextEncoder
+    cfg = Config().replace(clip_text_width=64, clip_text_layers=1, clip_text_heads=2, lang_feat_dim=32,
+                           clip_ckpt=str(tmp_path / "missing.pt"))
+    assert calvin2lmdb.text_embedder(cfg) is None
+    torch.manual_seed(0)
+    torch.save(CLIPTextEncoder(32, 64, 1, 2).state_dict(), tmp_path / "clip.pt")
+    cfg = cfg.replace(clip_ckpt=str(tmp_path / "clip.pt"), mae_depth=1)
+    embed = calvin2lmdb.text_embedder(cfg)
+    tokens = tokenize(["open the drawer", "lift the red block"]).numpy()
+    with pytest.warns(UserWarning):
+        expected = build_encoders(cfg.replace(mae_ckpt="")).clip_text(torch.from_numpy(tokens).long())
+    assert np.array_equal(embed(tokens), expected.detach().numpy())
