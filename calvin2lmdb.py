@@ -55,6 +55,10 @@ def main(args: argparse.Namespace) -> None:
                         progress=not args.no_progress)
     except (CalvinFormatError, ConversionError, ConfigError, FileNotFoundError) as e:
         sys.exit(f"calvin2lmdb: error: {e}")
+    except KeyboardInterrupt:
+        print("calvin2lmdb: interrupted; committed segments are kept: run the same command again to continue",
+              file=sys.stderr)
+        sys.exit(130)
     resumed = f", resumed at segment {stats.resumed_from_segment}" if stats.resumed_from_segment else ""
     print(f"wrote {stats.frames} frames in {stats.seconds:.1f} s ({stats.frames_per_second:.1f} frames/s, "
           f"{args.workers} workers{resumed}) to {args.output_dir}")

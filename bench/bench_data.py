@@ -1,7 +1,7 @@
 """Data pipeline speed: our LMDB loader vs a straightforward per-key reader of GR1-Training's schema, and
 calvin2lmdb conversion frames/s with all cores vs one.
 
-    python bench/bench_data.py [--lmdb PATH] [--samples 300] [--rounds 3] [--repeat 4] [--input_dir SPLIT_ROOT]
+    python bench/bench_data.py [--lmdb PATH] [--samples 300] [--rounds 3] [--repeat 12] [--input_dir SPLIT_ROOT]
 
 Loader: both readers on the same LMDB (default: ../shared/calvin/mini_calvin converted here: real rendered
 CALVIN frames), seq_len 10, chunk 10, random windows, items checked equal. Measured in this process on one thread
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--input_dir", default=MINI_CALVIN, help="CALVIN split root for the conversion benchmark")
     parser.add_argument("--samples", type=int, default=300, help="random windows per reader and round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=4, help="times the input's windows are converted")
+    parser.add_argument("--repeat", type=int, default=12, help="times the input's windows are converted")
     parser.add_argument("--skip_conversion", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # what a DataLoader worker gets

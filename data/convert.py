@@ -17,10 +17,10 @@ import os
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Callable, Iterator
 
 import lmdb
 import numpy as np
@@ -119,7 +119,7 @@ class Instructions:
     embeddings: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def build(cls, texts: list[str], embedder: TextEmbedder | None, batch: int = 64) -> "Instructions":
+    def build(cls, texts: list[str], embedder: TextEmbedder | None, batch: int = 64) -> Instructions:
         from models.encoders import tokenize  # the CLIP BPE tokenizer (needs torch); equal to clip.tokenize
         distinct = sorted(set(texts))  # a fixed order: a resumed run computes exactly the same embeddings
         tokens = {t: tokenize(t)[0].numpy() for t in distinct}

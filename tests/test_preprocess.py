@@ -62,7 +62,7 @@ def test_shift_is_one_integer_offset_per_sample_for_all_frames():
 
 
 def test_to_pixels_inverts_process_on_eval_path():
-    pre = ImagePreprocessor(FIXTURE_CFG.replace(rgb_shape=200, patch_size=8), "cpu")  # same size: resize is the identity
+    pre = ImagePreprocessor(FIXTURE_CFG.replace(rgb_shape=200, patch_size=8), "cpu")  # resize to the same size
     images = torch.randint(0, 256, (1, 2, 3, 200, 200), dtype=torch.uint8)
     static, _ = pre.process(images, torch.zeros(1, 2, 3, 84, 84, dtype=torch.uint8), train=False)
     pixels = pre.to_pixels(static)
