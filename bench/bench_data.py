@@ -106,7 +106,7 @@ def bench_loader(path: str, samples: int, rounds: int) -> None:
               f"(target >= 5x)")
     decode = jpeg_share(path, ours, orders[0])
     transfer = statistics.median(loader_rate(EmptyItems(), order) for order in orders)
-    print(f"  JPEG decoding alone (Pillow/libjpeg-turbo): {decode * 1000:.1f} ms per sample, "
+    print(f"  JPEG decoding alone ({cf.JPEG_DECODER}, libjpeg-turbo): {decode * 1000:.1f} ms per sample, "
           f"{decode * statistics.median(results['in-process']['ours']) * 100:.0f}% of our in-process time")
     print(f"  DataLoader transfer alone (zero-cost items, 1 worker, batch 8): {transfer:.0f} samples/s "
           f"({1000 / transfer:.1f} ms per sample, paid by both readers)")
@@ -158,7 +158,8 @@ def main() -> None:
     parser.add_argument("--skip_conversion", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # what a DataLoader worker gets
-    print(f"{os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}")
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}, JPEG decoder {cf.JPEG_DECODER} "
+          "(both readers)")
     with tempfile.TemporaryDirectory() as workdir:
         path = args.lmdb
         if not path:

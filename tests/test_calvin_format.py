@@ -63,7 +63,17 @@ def test_loads_value_reads_non_contiguous_tensors_and_refuses_other_globals():
         cf.loads_value(pickle.dumps(datetime.date(2024, 1, 1)))
 
 
-def test_jpeg_decode_gives_the_reference_pixels():
+@pytest.fixture(params=["Pillow", "simplejpeg"])
+def jpeg_decoder(request, monkeypatch) -> str:
+    """Runs a test with each JPEG decoder: Pillow always, simplejpeg where it is installed."""
+    if request.param == "Pillow":
+        monkeypatch.setattr(cf, "simplejpeg", None)
+    elif cf.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed (optional; Pillow decodes instead)")
+    return request.param
+
+
+def test_jpeg_decode_gives_the_reference_pixels(jpeg_decoder):
     """The fixture LMDB holds torchvision-encoded JPEGs; GR1-Training's items hold torchvision's decoded pixels."""
     items = torch.load(shared_path("fixtures", "tiny_calvin_lmdb_items.pt"))["items"]
     with reading(shared_path("fixtures", "tiny_calvin_lmdb")) as env, env.begin() as txn:
@@ -74,7 +84,7 @@ def test_jpeg_decode_gives_the_reference_pixels():
                 assert np.array_equal(cf.decode_jpeg(jpeg, size).transpose(2, 0, 1), items[0][cam][step].numpy())
 
 
-def test_jpeg_encode_is_deterministic_and_close_and_errors_are_clear():
+def test_jpeg_encode_is_deterministic_and_close_and_errors_are_clear(jpeg_decoder):
     image = np.load(cf.episode_path(shared_path("calvin", "mini_calvin", "training"), 30))["rgb_static"]
     data = cf.encode_jpeg(image)
     assert data == cf.encode_jpeg(image.copy()) and data[:2] == b"\xff\xd8"
@@ -130,3 +140,20 @@ def test_raw_input_errors_name_the_file(tmp_path):
     np.savez_compressed(tmp_path / "episode_0000003.npz", **frame)
     with pytest.raises(cf.CalvinFormatError, match="no array 'robot_obs'"):
         cf.load_frame(str(tmp_path / "episode_0000003.npz"))
+
+
+def test_both_jpeg_decoders_give_the_same_pixels_on_rendered_frames():
+    if cf.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed (optional; Pillow decodes instead)")
+    split = shared_path("calvin", "mini_calvin", "validation")
+    for frame_id in range(241, 338, 8):
+        frame = np.load(cf.episode_path(split, frame_id))
+        for cam, size in cf.CAMERA_SIZES.items():
+            data = cf.encode_jpeg(frame[cam])
+            fast = cf.decode_jpeg_chw(data, size)
+            assert np.array_equal(fast, cf.decode_jpeg(data, size).transpose(2, 0, 1))
+            simplejpeg, cf.simplejpeg = cf.simplejpeg, None
+            try:
+                assert np.array_equal(fast, cf.decode_jpeg_chw(data, size)), (frame_id, cam)
+            finally:
+                cf.simplejpeg = simplejpeg
