@@ -16,11 +16,13 @@ that the reference reader never asks for: the split boundary and the converter's
 """
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import math
 import os
 import pickle
+import re
 import struct
 import sys
 from collections import OrderedDict
@@ -239,7 +241,10 @@ def _pickle_int(value: int) -> bytes:
 
 
 def _pickle_int_tuple(values: tuple[int, ...]) -> bytes:
-    return b"(" + b"".join(_pickle_int(v) for v in values) + b"t"  # MARK ... TUPLE
+    items = b"".join(_pickle_int(v) for v in values)
+    if len(values) <= 3:  # as Python's pickler: EMPTY_TUPLE, TUPLE1, TUPLE2, TUPLE3
+        return items + (b")", b"\x85", b"\x86", b"\x87")[len(values)]
+    return b"(" + items + b"t"  # MARK ... TUPLE
 
 
 def dumps_tensor(array: np.ndarray) -> bytes:
@@ -366,6 +371,7 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): OrderedDict,
+    ("_codecs", "encode"): codecs.encode,  # how pickle protocol 2 writes bytes
 }
 
 
@@ -379,8 +385,35 @@ class _ValueUnpickler(pickle.Unpickler):
             raise LMDBValueError(f"unsupported pickle global {module}.{name}") from None
 
 
+_STORAGE_CALL = re.compile(rb"\x8c\x0dtorch\.storage\x94?\x8c\x10_load_from_bytes\x94?\x93\x94?B(.{4})", re.DOTALL)
+_TENSOR_ARGS = re.compile(rb"\x94?\x85\x94?R\x94?K\x00(?:K(.)|M(..)|J(.{4}))\x85\x94?K\x01\x85\x94?\x89", re.DOTALL)
+
+
+def _vector_fast_path(data: bytes) -> np.ndarray | None:
+    """A pickled 1-D contiguous tensor (every tensor GR1's LMDB holds) laid out as Python's protocol 4/5 pickler
+    writes it, parsed by position; None for anything else (the general unpickler takes over)."""
+    if len(data) < 64 or data[0] != 0x80 or data[1] not in (4, 5) or b"_rebuild_tensor_v2" not in data[:64]:
+        return None
+    call = _STORAGE_CALL.search(data, 0, 128)
+    if call is None:
+        return None
+    start = call.end()
+    end = start + struct.unpack("<I", call.group(1))[0]
+    args = _TENSOR_ARGS.match(data, end)
+    if args is None:
+        return None
+    size = args.group(1) or args.group(2) or args.group(3)
+    (numel,) = struct.unpack({1: "<B", 2: "<H", 4: "<i"}[len(size)], size)
+    storage = _storage_fast_path(data[start:end])
+    return storage if storage is not None and storage.size == numel else None
+
+
 def loads_value(data: bytes | memoryview) -> Any:
     """An LMDB value written by GR1-Training or this project -> Python object; tensors -> numpy arrays."""
+    data = bytes(data)
+    vector = _vector_fast_path(data)
+    if vector is not None:
+        return vector
     return _ValueUnpickler(io.BytesIO(data)).load()
 
 

@@ -43,8 +43,9 @@ def test_storage_blob_equals_torchs_up_to_the_storage_key(array):
 
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_loads_value_reads_every_value_of_the_reference_lmdb(monkeypatch, fast_path):
-    if not fast_path:  # the general parser, used when a storage is not laid out exactly as torch writes it today
+    if not fast_path:  # the general parser, used when a value is not laid out exactly as torch writes it today
         monkeypatch.setattr(cf, "_storage_fast_path", lambda blob: None)
+        monkeypatch.setattr(cf, "_vector_fast_path", lambda data: None)
     with reading(shared_path("fixtures", "tiny_calvin_lmdb")) as env, env.begin() as txn:
         values = dict(txn.cursor())
     assert len(values) == 162
@@ -54,6 +55,17 @@ def test_loads_value_reads_every_value_of_the_reference_lmdb(monkeypatch, fast_p
             assert ours.dtype == theirs.numpy().dtype and np.array_equal(ours, theirs.numpy()), key
         else:
             assert type(ours) is type(theirs) and ours == theirs, key
+
+
+@pytest.mark.parametrize("writer", ["ours", "torch"])
+def test_vector_fast_path_reads_every_1d_tensor(writer):
+    for array in ARRAYS:
+        data = cf.dumps_tensor(array) if writer == "ours" else pickle.dumps(torch.from_numpy(array))
+        fast = cf._vector_fast_path(data)
+        if array.ndim == 1:
+            assert fast is not None and fast.dtype == array.dtype and np.array_equal(fast, array)
+        else:  # anything else is left to the general unpickler
+            assert fast is None
 
 
 def test_loads_value_reads_non_contiguous_tensors_and_refuses_other_globals():
