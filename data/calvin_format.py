@@ -385,20 +385,22 @@ class _ValueUnpickler(pickle.Unpickler):
             raise LMDBValueError(f"unsupported pickle global {module}.{name}") from None
 
 
-_STORAGE_CALL = re.compile(rb"\x8c\x0dtorch\.storage\x94?\x8c\x10_load_from_bytes\x94?\x93\x94?B(.{4})", re.DOTALL)
+_STORAGE_CALL = re.compile(rb"\x8c\x0dtorch\.storage\x94?\x8c\x10_load_from_bytes\x94?\x93\x94?(?:B(.{4})|C(.))",
+                           re.DOTALL)  # BINBYTES or SHORT_BINBYTES: the nested storage blob
 _TENSOR_ARGS = re.compile(rb"\x94?\x85\x94?R\x94?K\x00(?:K(.)|M(..)|J(.{4}))\x85\x94?K\x01\x85\x94?\x89", re.DOTALL)
 
 
 def _vector_fast_path(data: bytes) -> np.ndarray | None:
     """A pickled 1-D contiguous tensor (every tensor GR1's LMDB holds) laid out as Python's protocol 4/5 pickler
-    writes it, parsed by position; None for anything else (the general unpickler takes over)."""
+    writes it (in one frame: pickles under 64 KB), parsed by position; None for anything else (the general
+    unpickler takes over)."""
     if len(data) < 64 or data[0] != 0x80 or data[1] not in (4, 5) or b"_rebuild_tensor_v2" not in data[:64]:
         return None
     call = _STORAGE_CALL.search(data, 0, 128)
     if call is None:
         return None
     start = call.end()
-    end = start + struct.unpack("<I", call.group(1))[0]
+    end = start + (struct.unpack("<I", call.group(1))[0] if call.group(1) is not None else call.group(2)[0])
     args = _TENSOR_ARGS.match(data, end)
     if args is None:
         return None
