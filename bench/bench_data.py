@@ -37,12 +37,11 @@ MINI_CALVIN = os.path.join(os.path.dirname(ROOT), "shared", "calvin", "mini_calv
 T = K = 10
 
 
-def in_process_rate(dataset: Dataset, order: list[int]) -> tuple[float, float]:
-    """Samples per second of wall time and per second of this process's CPU time (robust to other load)."""
-    start, cpu = time.perf_counter(), time.process_time()
+def in_process_rate(dataset: Dataset, order: list[int]) -> float:
+    start = time.perf_counter()
     for i in order:
         dataset[i]
-    return len(order) / (time.perf_counter() - start), len(order) / (time.process_time() - cpu)
+    return len(order) / (time.perf_counter() - start)
 
 
 def loader_rate(dataset: Dataset, order: list[int]) -> float:
@@ -92,14 +91,12 @@ def bench_loader(path: str, samples: int, rounds: int) -> None:
     for i in orders[0][:20]:
         a, b = ours[i], reference[i]
         assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in b), f"item {i} differs"
-    modes = ("in-process (wall)", "in-process (CPU time)", "DataLoader, 1 worker")
+    modes = ("in-process, 1 thread", "DataLoader, 1 worker")
     results: dict[str, dict[str, list[float]]] = {mode: {"ref": [], "ours": []} for mode in modes}
     for order in orders:
         for name, dataset in (("ref", reference), ("ours", ours)):
-            wall, cpu = in_process_rate(dataset, order)
-            results[modes[0]][name].append(wall)
-            results[modes[1]][name].append(cpu)
-            results[modes[2]][name].append(loader_rate(dataset, order))
+            results[modes[0]][name].append(in_process_rate(dataset, order))
+            results[modes[1]][name].append(loader_rate(dataset, order))
     print(f"loader: {path}, {index.num_steps} steps, seq_len {T}, chunk {K}, {samples} random windows x {rounds} "
           f"rounds (median), torch threads {torch.get_num_threads()}")
     for mode, rates in results.items():
