@@ -17,8 +17,8 @@ from config import Config, ConfigError, add_config_arguments, config_from_args, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Transfer CALVIN dataset to lmdb format.")
-    parser.add_argument("--input_dir", required=True, help="CALVIN split root holding training/ and validation/")
-    parser.add_argument("--output_dir", required=True, help="LMDB directory to write (created if absent)")
+    parser.add_argument("--input_dir", default="./ABC_D", help="CALVIN split root holding training/ and validation/")
+    parser.add_argument("--output_dir", default="./calvin_lmdb", help="LMDB directory to write (created if absent)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes that load and JPEG-encode frames (default: all cores; 1 = no pool)")
     parser.add_argument("--commit_every", type=int, default=32,
