@@ -47,9 +47,10 @@ def text_embedder(cfg: Config):
 
 def main(args: argparse.Namespace) -> None:
     from data.calvin_format import CalvinFormatError
-    from data.convert import ConversionError, convert
+    from data.convert import ConversionError, convert, make_plan
     cfg = config_from_args(args)
     try:
+        make_plan(args.input_dir)  # input errors first (before CLIP weights are loaded)
         stats = convert(args.input_dir, args.output_dir, workers=args.workers, commit_every=args.commit_every,
                         overwrite=args.overwrite, embedder=text_embedder(cfg), map_size=int(args.map_size_gb * 2**30),
                         progress=not args.no_progress)
