@@ -38,6 +38,7 @@ except ImportError:  # Pillow decodes instead
     simplejpeg = None
 
 JPEG_DECODER = "simplejpeg" if simplejpeg is not None else "Pillow"
+
 # ---------------------------------------------------------------- cameras, state and action layout
 
 CAMERA_SIZES = {"rgb_static": 200, "rgb_gripper": 84}  # square RGB images, pixels
