@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+
+import numpy as np
 
 from config import Config, ConfigError, add_config_arguments, config_from_args, expand_path
 
@@ -34,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def text_embedder(cfg: Config):
+def text_embedder(cfg: Config) -> Callable[[np.ndarray], np.ndarray] | None:
     """CLIP's text tower for inst_emb when its weights exist, else None (GR1 never reads inst_emb)."""
     from data.convert import clip_text_embedder
     path = expand_path(cfg.clip_ckpt)

@@ -25,6 +25,7 @@ from multiprocessing import get_context
 import lmdb
 import numpy as np
 
+from config import Config
 from data import calvin_format as cf
 
 INFO_VERSION = 1
@@ -140,7 +141,7 @@ class Instructions:
         return pairs
 
 
-def clip_text_embedder(cfg) -> TextEmbedder:
+def clip_text_embedder(cfg: Config) -> TextEmbedder:
     """GR1-Training's inst_emb: CLIP encode_text(tokens) (unnormalised), on CPU, from cfg.clip_ckpt."""
     import torch
 
