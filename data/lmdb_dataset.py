@@ -1,0 +1,258 @@
+"""Training windows from a CALVIN LMDB in GR1-Training's schema (written by calvin2lmdb.py here or by the reference).
+
+Item i is the window of seq_len (T) steps starting at step first_step + i, each step with a chunk of chunk_size (K)
+actions; frames and actions outside the first step's segment are zero and masked. Items equal GR1-Training's
+LMDBDataset items for the same LMDB (fixture ../shared/fixtures/tiny_calvin_lmdb_items.pt), but each is read with
+one LMDB get per distinct value (the reference reads ~110 cur_episode values and every action up to K times), the
+segment of every step is looked up in an array built once, and tensors are unpickled without torch
+(data/calvin_format.py).
+
+Shape key: T window (seq_len), K action chunk (chunk_size), H/W camera pixels (200 static, 84 gripper).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lmdb
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from config import Config, ConfigError, expand_path
+from data import calvin_format as cf
+
+
+class DatasetError(ConfigError):
+    """The LMDB cannot give the requested split; the message says what to fix. (A ConfigError, so that entry points
+    report it in one line like any other setup mistake.)"""
+
+
+_ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}  # real path -> (pid that opened it, handle)
+
+
+def open_lmdb(path: str) -> lmdb.Environment:
+    """This process's read-only, lock-free handle of the LMDB at `path` (py-lmdb allows one per file and process;
+    lock-free works on read-only media and with any number of reader processes)."""
+    key = os.path.realpath(path)
+    pid, env = _ENVIRONMENTS.get(key, (None, None))
+    if pid == os.getpid():
+        return env
+    if env is not None:  # inherited through fork: release this process's copy, then open our own
+        env.close()
+    env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False)
+    _ENVIRONMENTS[key] = (os.getpid(), env)
+    return env
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[lmdb.Environment]:
+    """A read-only handle for a short read: this process's cached one if open, else one closed afterwards (so that
+    a converter in this process can reopen the path for writing)."""
+    cached = _ENVIRONMENTS.get(os.path.realpath(path), (None,))[0] == os.getpid()
+    env = open_lmdb(path)
+    try:
+        yield env
+    finally:
+        if not cached:
+            close_lmdb(path)
+
+
+def close_lmdb(path: str) -> None:
+    """Close this process's handle of `path`, if any."""
+    _, env = _ENVIRONMENTS.pop(os.path.realpath(path), (None, None))
+    if env is not None:
+        env.close()
+
+
+@dataclass(frozen=True)
+class LMDBIndex:
+    """What a dataset needs to know about the whole LMDB, read once: the segment of every step and the splits."""
+
+    path: str
+    episode_of_step: np.ndarray  # int32 (N,): cur_episode_{s}
+    info: dict | None  # conversion_info written by this project's converter (None: GR1-Training's LMDB)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.episode_of_step)
+
+    @property
+    def validation_first_step(self) -> int | None:
+        """First step of CALVIN's validation split, if the converter recorded it."""
+        if self.info is None or "validation" not in self.info.get("splits", {}):
+            return None
+        return int(self.info["splits"]["validation"]["first_step"])
+
+
+def read_index(path: str) -> LMDBIndex:
+    path = expand_path(path)
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        raise FileNotFoundError(f"LMDB_path {path!r} has no data.mdb: convert CALVIN first (python calvin2lmdb.py "
+                                f"--input_dir <task_ABC_D> --output_dir {path}) or set LMDB_path")
+    with reading(path) as env, env.begin() as txn:
+        info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
+        if info is not None and not info.get("complete"):
+            raise DatasetError(f"LMDB {path} is an unfinished conversion ({info.get('segments_done')} of "
+                               f"{info.get('num_segments')} segments): re-run the same calvin2lmdb.py command "
+                               "to finish it")
+        last = txn.get(cf.CUR_STEP_KEY)
+        if last is None:
+            raise DatasetError(f"LMDB {path} has no 'cur_step' key: it is empty or not a GR1/CALVIN LMDB")
+        num_steps = int(cf.loads_value(last)) + 1
+        episodes = _read_episode_ids(txn, num_steps, path)
+    return LMDBIndex(path, episodes, info)
+
+
+def _read_episode_ids(txn: lmdb.Transaction, num_steps: int, path: str) -> np.ndarray:
+    """cur_episode_{s} for every step, by one ordered scan of the cur_episode_ keys."""
+    prefix = b"cur_episode_"
+    episodes = np.full(num_steps, -1, dtype=np.int32)
+    cursor = txn.cursor()
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                break
+            step = int(key[len(prefix):])
+            if step < num_steps:
+                episodes[step] = cf.loads_value(value)
+    missing = np.flatnonzero(episodes < 0)
+    if len(missing):
+        raise DatasetError(f"LMDB {path}: key cur_episode_{missing[0]} is missing ({len(missing)} steps lack one); "
+                           "the LMDB is incomplete, convert again")
+    return episodes
+
+
+class LMDBDataset(Dataset):
+    """Windows starting at steps first_step ... first_step + num_items - 1 of an LMDB; items are dicts of tensors:
+
+    rgb_static uint8 (T, 3, 200, 200), rgb_gripper uint8 (T, 3, 84, 84), inst_token int32 (77,),
+    arm_state float32 (T, 6), gripper_state float32 (T, 2) one-hot, actions float32 (T, K, 7) with the gripper
+    in {0, 1}, mask float32 (T, K). Deterministic per index.
+    """
+
+    def __init__(self, index: LMDBIndex, seq_len: int, chunk_size: int, action_mode: str, first_step: int,
+                 num_items: int):
+        if action_mode not in cf.ACTION_KEYS:
+            raise ValueError(f"action_mode must be one of {list(cf.ACTION_KEYS)}, got {action_mode!r}")
+        if first_step < 0 or first_step + num_items > index.num_steps:
+            raise ValueError(f"steps {first_step}..{first_step + num_items - 1} are outside the LMDB's "
+                             f"{index.num_steps} steps")
+        self.index, self.seq_len, self.chunk_size = index, seq_len, chunk_size
+        self.action_key = cf.ACTION_KEYS[action_mode]
+        self.first_step, self.num_items = first_step, num_items
+        self._env: lmdb.Environment | None = None
+        self._txn: lmdb.Transaction | None = None
+        self._pid = -1
+        self._tokens: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own LMDB handle
+        return {**self.__dict__, "_env": None, "_txn": None, "_pid": -1}
+
+    def _get(self, key: bytes) -> object:
+        if self._pid != os.getpid():  # first use in this process (a forked worker must not share the handle)
+            self._env = open_lmdb(self.index.path)
+            self._txn = self._env.begin()
+            self._pid = os.getpid()
+        value = self._txn.get(key)
+        if value is None:
+            raise KeyError(f"LMDB {self.index.path} has no key {key.decode()!r}")
+        return cf.loads_value(value)
+
+    def _inst_token(self, episode: int) -> np.ndarray:
+        if episode not in self._tokens:
+            self._tokens[episode] = np.array(self._get(cf.episode_key("inst_token", episode)))
+        return self._tokens[episode]
+
+    def _valid_steps(self, step: int) -> np.ndarray:
+        """bool (T + K - 1,): which of steps step ... step + T + K - 2 belong to step's segment."""
+        span = self.seq_len + self.chunk_size - 1
+        episodes = self.index.episode_of_step[step:step + span]
+        valid = np.zeros(span, dtype=bool)
+        valid[:len(episodes)] = episodes == episodes[0]
+        return valid
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        if not 0 <= idx < self.num_items:
+            raise IndexError(f"index {idx} out of range for {self.num_items} windows")
+        T, K = self.seq_len, self.chunk_size
+        step = self.first_step + idx
+        valid = self._valid_steps(step)
+        offsets = np.arange(T)[:, None] + np.arange(K)[None, :]  # (T, K): step offset of action j of frame i
+        mask = valid[:T, None] & valid[offsets]  # (T, K)
+        chunk = np.zeros((T + K - 1, cf.ACTION_DIM), dtype=np.float32)
+        for f in np.unique(offsets[mask]):  # each action read once
+            chunk[f] = self._get(cf.step_key(self.action_key, step + f))  # float64 -> float32, as the reference
+        chunk[:, -1] = cf.gripper_action_to_binary(chunk[:, -1])  # in float32, as the reference
+        actions = np.where(mask[..., None], chunk[offsets], np.float32(0))  # (T, K, 7)
+
+        arm_state = np.zeros((T, cf.ARM_DIM), dtype=np.float32)
+        gripper_state = np.zeros((T, 2), dtype=np.float32)
+        images = {cam: np.zeros((T, 3, size, size), dtype=np.uint8) for cam, size in cf.CAMERA_SIZES.items()}
+        for i in np.flatnonzero(valid[:T]):
+            robot_obs = self._get(cf.step_key("robot_obs", step + i))
+            arm_state[i] = robot_obs[:cf.ARM_DIM]
+            gripper_state[i, cf.gripper_state_index(robot_obs[-1])] = 1
+            for cam, size in cf.CAMERA_SIZES.items():
+                key = cf.step_key(cam, step + i)
+                try:
+                    cf.decode_jpeg_chw(self._get(key), size, out=images[cam][i])
+                except ValueError as e:
+                    raise ValueError(f"LMDB {self.index.path}, key {key.decode()}: {e}") from e
+        episode = int(self.index.episode_of_step[step])
+        return {
+            "rgb_static": torch.from_numpy(images["rgb_static"]),
+            "rgb_gripper": torch.from_numpy(images["rgb_gripper"]),
+            "inst_token": torch.from_numpy(self._inst_token(episode).copy()),
+            "arm_state": torch.from_numpy(arm_state),
+            "gripper_state": torch.from_numpy(gripper_state),
+            "actions": torch.from_numpy(actions),
+            "mask": torch.from_numpy(mask.astype(np.float32)),
+        }
+
+
+def ratio_window_range(num_steps: int, start_ratio: float, end_ratio: float, seq_len: int, chunk_size: int
+                       ) -> tuple[int, int]:
+    """(first_step, num_items) of GR1-Training's LMDBDataset(start_ratio, end_ratio)."""
+    first = int(num_steps * start_ratio)
+    end = int(num_steps * end_ratio) - seq_len - chunk_size  # Faithful to GR1-Training: the last T + K steps of
+    return first, max(0, end - first)                        # each part start no window
+
+
+def split_ranges(index: LMDBIndex, cfg: Config) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """(split used, train (first_step, num_items), val (first_step, num_items)) for cfg.split."""
+    boundary = index.validation_first_step
+    split = cfg.split
+    if split == "auto":
+        split = "calvin" if boundary is not None else "ratio"
+        if boundary is None:
+            print(f"warning: LMDB {index.path} does not record where CALVIN's validation split starts (GR1-Training's "
+                  f"converter?): using the reference's {cfg.train_ratio:g} step-ratio split", file=sys.stderr)
+    if split == "calvin":
+        if boundary is None:
+            raise DatasetError(f"split='calvin' needs an LMDB written by this project's calvin2lmdb.py (it records "
+                               f"where the validation split starts); {index.path} does not: use split=ratio")
+        # Every step of a part starts a window; segments never cross the boundary, so neither do windows.
+        return split, (0, boundary), (boundary, index.num_steps - boundary)
+    T, K = cfg.seq_len, cfg.chunk_size
+    return split, ratio_window_range(index.num_steps, 0.0, cfg.train_ratio, T, K), \
+        ratio_window_range(index.num_steps, cfg.train_ratio, 1.0, T, K)
+
+
+def make_datasets(cfg: Config) -> tuple[LMDBDataset, LMDBDataset]:
+    """(train, validation) datasets of cfg.LMDB_path split as cfg.split says; errors say what to fix."""
+    index = read_index(cfg.LMDB_path)
+    split, train_range, val_range = split_ranges(index, cfg)
+    for name, (_, count) in (("training", train_range), ("validation", val_range)):
+        if count <= 0:
+            raise DatasetError(f"LMDB {index.path} ({index.num_steps} steps) gives no {name} windows with split="
+                               f"{split!r}, seq_len={cfg.seq_len}, chunk_size={cfg.chunk_size}: convert both CALVIN "
+                               "splits, or change split / train_ratio")
+    return tuple(LMDBDataset(index, cfg.seq_len, cfg.chunk_size, cfg.action_mode, first, count)
+                 for first, count in (train_range, val_range))
