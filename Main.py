@@ -30,8 +30,9 @@ USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    mixed = cfg.mixed_precision if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mixed, kwargs_handlers=[
+    cuda = torch.cuda.is_available()
+    # cpu=True without CUDA: several processes (torchrun / accelerate launch --multi_gpu) then use gloo on CPU
+    return Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision if cuda else "no", kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=False),  # every trainable parameter gets a gradient
         InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # others wait while one process evaluates
 
@@ -170,6 +171,7 @@ class Trainer:
                 losses = self.train_batch(batch, sync, group)
                 st.batch_in_epoch += 1
                 st.batches += 1
+                st.update += int(sync)
                 n += 1
                 for k in totals:
                     totals[k] += losses[k]
@@ -185,7 +187,6 @@ class Trainer:
                                     samples_s=f"{n * cfg.bs_per_gpu * acc.num_processes / seconds:.2f}")
                     totals, vtotals, n, nv, t0, load = empty_totals(), empty_totals(), 0, 0, time.perf_counter(), 0.0
                 if sync:
-                    st.update += 1
                     last_batch = st.batch_in_epoch == self.n_batches
                     if cfg.save_steps and st.update % cfg.save_steps == 0 and not last_batch:
                         save_training_state(acc, cfg.save_path)

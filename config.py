@@ -107,6 +107,7 @@ class Config:
     calvin_dataset_path: str = ""  # CALVIN split folder with validation/.hydra/merged_config.yaml ('' = shipped)
     ckpt_path: str = ""  # policy weights for evaluate_calvin.py ('' = save_path/GR1_<load_epoch>.pth)
     eval_feature_cache: bool = True  # cache per-frame encoder features during evaluation
+    eval_policy: str = "gr1"  # 'gr1'; baselines: 'zero' (never moves), 'expert' (built-in scene's scripted expert)
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # first official sequence to evaluate (with num_sequences: a slice)
     exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
@@ -128,6 +129,7 @@ _CHOICES = {
     "mixed_precision": ("bf16", "fp16", "no"),
     "split": ("auto", "calvin", "ratio"),
     "eval_backend": ("builtin", "calvin"),
+    "eval_policy": ("gr1", "zero", "expert"),
 }
 _MUST_BE_TRUE = ("use_hand_rgb", "act_pred", "fwd_pred", "fwd_pred_hand")
 _NON_NEGATIVE = ("load_epoch", "skip_frame", "workers_per_gpu", "save_steps", "max_train_steps", "rgb_static_pad",

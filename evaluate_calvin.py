@@ -1,0 +1,52 @@
+"""Evaluate a GR-1 checkpoint with CALVIN's multi-step protocol:
+    accelerate launch evaluate_calvin.py [--config configs.json] [key=value ...]
+
+The sequences are split over the processes (none dropped); results of all of them are gathered and written to
+eval_dir (default save_path/eval/): success_rate.txt, result.txt (GR1-Training's formats), sequences.jsonl,
+chain_success.png and, with record_evaluation_video=true, videos/. eval_backend=builtin (default) uses the built-in
+pybullet scene; eval_backend=calvin the real CALVIN simulator (calvin_env).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from config import Config, ConfigError, add_config_arguments, config_from_args, save_config
+from models.build import CheckpointError, build_model, default_weights_path
+
+
+def main(cfg: Config) -> dict | None:
+    from evaluation.runner import evaluate
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
+    encoders = gr1 = None
+    if cfg.eval_policy == "gr1":
+        weights = default_weights_path(cfg, for_eval=True)
+        if weights is None:
+            raise CheckpointError(f"no policy weights: {os.path.join(cfg.save_path, f'GR1_{cfg.load_epoch}.pth')} "
+                                  "does not exist; set ckpt_path=<file> (or load_epoch / load_bytedance_ckpt)")
+        encoders, gr1, report = build_model(cfg, acc.device, weights=weights, for_eval=True)
+        gr1.eval()
+        acc.print(report)
+    out_dir = cfg.eval_dir or os.path.join(cfg.save_path, "eval")
+    if acc.is_main_process:
+        save_config(cfg, os.path.join(out_dir, "config.json"))
+    with torch.no_grad():
+        return evaluate(cfg, encoders, gr1, acc, out_dir)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    args = parser.parse_args()
+    try:
+        main(config_from_args(args))
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
