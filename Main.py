@@ -23,8 +23,16 @@ from tqdm.auto import tqdm
 from config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from data.loader import DevicePrefetcher, batches_per_epoch, make_loader
 from models.build import CheckpointError, build_model, save_checkpoint
-from training import (TrainState, compute_losses, empty_totals, find_training_state, lr_factor, make_optimizer,
-                      mean_losses, save_training_state, write_json)
+from training import (
+    TrainState,
+    compute_losses,
+    empty_totals,
+    find_training_state,
+    lr_factor,
+    make_optimizer,
+    mean_losses,
+    save_training_state,
+)
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
 

@@ -14,8 +14,9 @@ import difflib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.json")
 
@@ -108,6 +109,7 @@ class Config:
     ckpt_path: str = ""  # policy weights for evaluate_calvin.py ('' = save_path/GR1_<load_epoch>.pth)
     eval_feature_cache: bool = True  # cache per-frame encoder features during evaluation
     eval_policy: str = "gr1"  # 'gr1'; baselines: 'zero' (never moves), 'expert' (built-in scene's scripted expert)
+    builtin_tasks: str = ""  # built-in scene: comma-separated tasks the evaluation chains use ('' = all 11)
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # first official sequence to evaluate (with num_sequences: a slice)
     exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
@@ -116,7 +118,7 @@ class Config:
         """JSON-ready dict (tuples become lists) that load_config reads back to an equal Config."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A validated copy with some values changed."""
         return from_dict({**self.to_dict(), **changes}, source="replace()")
 
@@ -214,7 +216,7 @@ def _check_consistency(cfg: Config, source: str) -> None:
     if cfg.img_feat_dim % cfg.mae_num_heads:
         fail(f"'img_feat_dim' ({cfg.img_feat_dim}) must be divisible by 'mae_num_heads' ({cfg.mae_num_heads})")
     if cfg.clip_text_width % cfg.clip_text_heads:
-        fail(f"'clip_text_width' must be divisible by 'clip_text_heads'")
+        fail("'clip_text_width' must be divisible by 'clip_text_heads'")
     if cfg.act_dim != 7 or cfg.state_dim != 7:
         fail("'act_dim' and 'state_dim' must be 7 (CALVIN: 6 arm + 1 gripper)")
     if cfg.resampler_num_media_embeds != 1:

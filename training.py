@@ -5,7 +5,6 @@ Shape key: B batch, T window, K action chunk.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -128,13 +127,6 @@ def find_training_state(save_path: str) -> str | None:
         if os.path.isfile(os.path.join(path, "COMPLETE")):
             return path
     return None
-
-
-def write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
 
 
 def mean_losses(totals: dict[str, float], count: int) -> dict[str, float]:

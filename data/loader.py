@@ -6,7 +6,7 @@ pure function of (seed, epoch, rank, world size) and a resumed run can start mid
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

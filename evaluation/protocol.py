@@ -24,8 +24,8 @@ import json
 import os
 import traceback
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm

@@ -37,9 +37,10 @@ def make_backend(cfg: Config, device: torch.device) -> Backend:
                        load_validation_instructions())
     from evaluation.builtin_env.env import BuiltinEnv
     from evaluation.builtin_env.sequences import get_sequences
-    from evaluation.builtin_env.tasks import BuiltinTaskOracle, validation_annotations
+    from evaluation.builtin_env.tasks import TASK_NAMES, BuiltinTaskOracle, validation_annotations
+    tasks_used = tuple(t.strip() for t in cfg.builtin_tasks.split(",") if t.strip()) or TASK_NAMES
     seqs = [EvalSequence(i, list(tasks), state["robot_obs"], state["scene_obs"])
-            for i, (state, tasks) in enumerate(get_sequences(first + n, seed=cfg.seed))][first:]
+            for i, (state, tasks) in enumerate(get_sequences(first + n, seed=cfg.seed, tasks=tasks_used))][first:]
     return Backend(BuiltinEnv(seed=cfg.seed), BuiltinTaskOracle(),
                    seqs, {task: sentences[0] for task, sentences in validation_annotations().items()})
 

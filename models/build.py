@@ -60,7 +60,8 @@ def load_file(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        warnings.warn(f"{path} holds more than tensors; unpickling it fully (only do this for files you trust)")
+        warnings.warn(f"{path} holds more than tensors; unpickling it fully (only do this for files you trust)",
+                      stacklevel=2)
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -204,12 +205,12 @@ def build_encoders(cfg: Config, device: torch.device | str = "cpu") -> FrozenEnc
         sd = load_file(cfg.mae_ckpt)
         _load_strict(mae, convert_mae_state_dict(sd.get("model", sd), notes), cfg.mae_ckpt, "MAE image encoder")
     else:
-        warnings.warn("mae_ckpt is empty: the frozen MAE image encoder keeps its RANDOM initialisation")
+        warnings.warn("mae_ckpt is empty: the frozen MAE image encoder keeps its RANDOM initialisation", stacklevel=2)
     if cfg.clip_ckpt:
         _load_strict(clip_text, convert_clip_state_dict(load_clip_file(cfg.clip_ckpt)), cfg.clip_ckpt,
                      "CLIP text encoder")
     else:
-        warnings.warn("clip_ckpt is empty: the frozen CLIP text encoder keeps its RANDOM initialisation")
+        warnings.warn("clip_ckpt is empty: the frozen CLIP text encoder keeps its RANDOM initialisation", stacklevel=2)
     set_exact_attention(mae, cfg.exact_attention)
     return FrozenEncoders(mae, clip_text, _clip_dtype(cfg, device)).to(device)
 

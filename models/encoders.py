@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ class FrozenEncoders(nn.Module):
         self.eval()
         self._text_cache: dict[bytes, torch.Tensor] = {}
 
-    def train(self, mode: bool = True) -> "FrozenEncoders":
+    def train(self, mode: bool = True) -> FrozenEncoders:
         return super().train(False)  # frozen encoders never switch to training mode
 
     def _apply(self, fn, recurse=True):

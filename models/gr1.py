@@ -81,7 +81,7 @@ def _gpt2_config(cfg: Config) -> transformers.GPT2Config:
         n_embd=cfg.embed_dim, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=4 * cfg.embed_dim,
         activation_function=cfg.activation_function, n_positions=cfg.n_positions,
         resid_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        embd_pdrop=0.1,  # Faithful to GR1-Training: it never sets embd_pdrop, so GPT2Config's default 0.1 applies
+        embd_pdrop=cfg.dropout,  # GR1-Training leaves this at GPT2Config's 0.1 whatever its dropout key says
         use_cache=False,  # the reference builds and discards a KV cache on every forward
         attn_implementation="sdpa")
 

@@ -7,10 +7,22 @@ import pytest
 
 from evaluation.builtin_env import scene as sc
 from evaluation.builtin_env.env import ACTION_REPEAT, MAX_REL_POS, BuiltinEnv
-from evaluation.builtin_env.sequences import (CHAIN_LENGTH, INITIAL_CONDITIONS, Condition, apply_task,
-                                              get_sequences, is_valid_chain, sample_chain)
-from evaluation.builtin_env.tasks import (TASK_NAMES, TRAINING_INSTRUCTIONS, VALIDATION_INSTRUCTIONS,
-                                          BuiltinTaskOracle, validation_annotations)
+from evaluation.builtin_env.sequences import (
+    CHAIN_LENGTH,
+    INITIAL_CONDITIONS,
+    Condition,
+    apply_task,
+    get_sequences,
+    is_valid_chain,
+    sample_chain,
+)
+from evaluation.builtin_env.tasks import (
+    TASK_NAMES,
+    TRAINING_INSTRUCTIONS,
+    VALIDATION_INSTRUCTIONS,
+    BuiltinTaskOracle,
+    validation_annotations,
+)
 
 
 @pytest.fixture(scope="module")

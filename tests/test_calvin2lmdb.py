@@ -17,7 +17,7 @@ from bench.reference_reader import ReferenceSchemaReader
 from conftest import ROOT
 from data import calvin_format as cf
 from data.convert import ConversionError, convert
-from data.lmdb_dataset import DatasetError, LMDBDataset, close_lmdb, read_index, ratio_window_range
+from data.lmdb_dataset import DatasetError, LMDBDataset, close_lmdb, ratio_window_range, read_index
 from data_helpers import assert_items_equal, copy_lmdb, lmdb_contents, make_split_root, mini_calvin, mini_lmdb  # noqa
 from models.encoders import tokenize
 

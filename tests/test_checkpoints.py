@@ -10,8 +10,14 @@ import torch
 
 from config import Config, from_dict
 from conftest import shared_path
-from models.build import (CheckpointError, build_encoders, build_gr1, load_policy_state_dict, load_policy_weights,
-                          save_checkpoint)
+from models.build import (
+    CheckpointError,
+    build_encoders,
+    build_gr1,
+    load_policy_state_dict,
+    load_policy_weights,
+    save_checkpoint,
+)
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
 

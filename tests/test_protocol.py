@@ -15,8 +15,16 @@ from conftest import ROOT
 from evaluation.builtin_env.env import BuiltinEnv
 from evaluation.builtin_env.sequences import get_sequences
 from evaluation.builtin_env.tasks import BuiltinTaskOracle, validation_annotations
-from evaluation.protocol import (EvalSequence, SequenceResult, count_success, read_partial, run_protocol, shard,
-                                 success_rate_line, task_info)
+from evaluation.protocol import (
+    EvalSequence,
+    SequenceResult,
+    count_success,
+    read_partial,
+    run_protocol,
+    shard,
+    success_rate_line,
+    task_info,
+)
 from evaluation.runner import ExpertPolicy, ZeroPolicy
 
 INSTRUCTIONS = {task: sentences[0] for task, sentences in validation_annotations().items()}

@@ -10,8 +10,13 @@ recorder, ``python -m evaluation.builtin_env.record``).
 from evaluation.builtin_env.env import BuiltinEnv
 from evaluation.builtin_env.expert import ScriptedExpert
 from evaluation.builtin_env.sequences import get_sequences
-from evaluation.builtin_env.tasks import (TASK_NAMES, TRAINING_INSTRUCTIONS, VALIDATION_INSTRUCTIONS,
-                                          BuiltinTaskOracle, validation_annotations)
+from evaluation.builtin_env.tasks import (
+    TASK_NAMES,
+    TRAINING_INSTRUCTIONS,
+    VALIDATION_INSTRUCTIONS,
+    BuiltinTaskOracle,
+    validation_annotations,
+)
 
 __all__ = ["BuiltinEnv", "BuiltinTaskOracle", "ScriptedExpert", "TASK_NAMES", "TRAINING_INSTRUCTIONS",
            "VALIDATION_INSTRUCTIONS", "get_sequences", "validation_annotations"]

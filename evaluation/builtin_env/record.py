@@ -41,8 +41,7 @@ from evaluation.builtin_env import scene as sc
 from evaluation.builtin_env.env import MAX_REL_ORN, MAX_REL_POS, BuiltinEnv
 from evaluation.builtin_env.expert import ScriptedExpert
 from evaluation.builtin_env.sequences import random_condition, sample_chain, scene_obs_for
-from evaluation.builtin_env.tasks import (TASK_NAMES, BuiltinTaskOracle, training_instruction,
-                                          validation_annotations)
+from evaluation.builtin_env.tasks import TASK_NAMES, BuiltinTaskOracle, training_instruction, validation_annotations
 
 SPLITS = ("training", "validation")
 SCENE_NAME = "builtin_scene"  # scene_info.npy key (CALVIN: calvin_scene_A ... D)
@@ -53,6 +52,7 @@ LANG_EMB_SIZE = 384  # CALVIN's paraphrase-MiniLM-L6-v2 size; stored as zeros (G
 TACTILE_RGB_SHAPE = (160, 120, 6)  # CALVIN's two DIGIT sensors; zeros here
 TACTILE_DEPTH_SHAPE = (160, 120, 2)
 NORMALIZE_TARGET = "calvin_agent.utils.transforms.NormalizeVector"
+VALIDATION = {task: sentences[0] for task, sentences in validation_annotations().items()}
 
 
 # ---- CALVIN's action conventions ----
@@ -146,8 +146,11 @@ def _run_tasks(env: BuiltinEnv, oracle: BuiltinTaskOracle, tasks: list[str], fol
 
 
 def record_episode(env: BuiltinEnv, oracle: BuiltinTaskOracle, split: str, index: int, seed: int,
-                   tasks_per_episode: int, allowed: tuple[str, ...], folder: str) -> EpisodeRecord:
-    """Records one episode into `folder` (frame_XXXXXXX.npz, local numbering), redrawing it on failure."""
+                   tasks_per_episode: int, allowed: tuple[str, ...], folder: str,
+                   annotations: str = "training") -> EpisodeRecord:
+    """Records one episode into `folder` (frame_XXXXXXX.npz, local numbering), redrawing it on failure.
+    annotations: 'training' draws a training paraphrase per window (as CALVIN's annotator); 'validation' uses the
+    evaluation instruction (for runs whose text encoder cannot relate paraphrases, e.g. random CLIP weights)."""
     for attempt in range(MAX_ATTEMPTS):
         episode_seed = _episode_seed(seed, split, index, attempt)
         rng = np.random.default_rng(episode_seed)
@@ -158,9 +161,10 @@ def record_episode(env: BuiltinEnv, oracle: BuiltinTaskOracle, split: str, index
         result = _run_tasks(env, oracle, tasks, folder)
         if result is not None:
             windows, successes, n_frames = result
-            annotations = [training_instruction(task, rng) for task in tasks]
+            paraphrases = [training_instruction(task, rng) for task in tasks]  # drawn in both modes: same RNG use
+            texts = paraphrases if annotations == "training" else [VALIDATION[task] for task in tasks]
             return EpisodeRecord(split, index, episode_seed, attempt + 1, scene_obs.tolist(), tasks, windows,
-                                 successes, annotations, n_frames, folder)
+                                 successes, texts, n_frames, folder)
         for name in os.listdir(folder):
             os.remove(os.path.join(folder, name))
     raise RuntimeError(f"the expert failed {MAX_ATTEMPTS} times on {split} episode {index} (seed {seed})")
@@ -174,9 +178,10 @@ def _worker_job(job: tuple) -> EpisodeRecord:
     if "env" not in _WORKER:
         _WORKER["env"] = BuiltinEnv(seed=0)
         _WORKER["oracle"] = BuiltinTaskOracle()
-    split, index, seed, tasks_per_episode, allowed, folder = job
+    split, index, seed, tasks_per_episode, allowed, folder, annotations = job
     os.makedirs(folder, exist_ok=True)
-    return record_episode(_WORKER["env"], _WORKER["oracle"], split, index, seed, tasks_per_episode, allowed, folder)
+    return record_episode(_WORKER["env"], _WORKER["oracle"], split, index, seed, tasks_per_episode, allowed, folder,
+                          annotations)
 
 
 def _record_all(jobs: list[tuple], workers: int) -> list[EpisodeRecord]:
@@ -251,8 +256,10 @@ def _training_statistics(split_dir: str, n_frames: int, first_id: int) -> dict:
 
 
 def record_dataset(output_dir: str, episodes: int, val_episodes: int, seed: int = 0, tasks_per_episode: int = 3,
-                   tasks: tuple[str, ...] = TASK_NAMES, workers: int = 1) -> dict:
+                   tasks: tuple[str, ...] = TASK_NAMES, workers: int = 1, annotations: str = "training") -> dict:
     """Records the whole split root (see the module docstring); returns the manifest it also writes."""
+    if annotations not in ("training", "validation"):
+        raise ValueError(f"annotations must be 'training' or 'validation', got {annotations!r}")
     if episodes < 1 or val_episodes < 1:
         raise ValueError("need at least one training and one validation episode")
     unknown = set(tasks) - set(TASK_NAMES)
@@ -265,7 +272,8 @@ def record_dataset(output_dir: str, episodes: int, val_episodes: int, seed: int 
     scratch = tempfile.mkdtemp(prefix=".recording_", dir=output_dir)
     start = time.perf_counter()
     try:
-        jobs = [(split, index, seed, tasks_per_episode, tuple(tasks), os.path.join(scratch, f"{split}_{index}"))
+        jobs = [(split, index, seed, tasks_per_episode, tuple(tasks), os.path.join(scratch, f"{split}_{index}"),
+                 annotations)
                 for split, count in zip(SPLITS, (episodes, val_episodes)) for index in range(count)]
         records = _record_all(jobs, workers)
         next_id, summaries = 0, {}
@@ -284,7 +292,8 @@ def record_dataset(output_dir: str, episodes: int, val_episodes: int, seed: int 
     seconds = time.perf_counter() - start
     manifest = {
         "arguments": {"episodes": episodes, "val_episodes": val_episodes, "seed": seed,
-                      "tasks_per_episode": tasks_per_episode, "tasks": list(tasks), "workers": workers},
+                      "tasks_per_episode": tasks_per_episode, "tasks": list(tasks), "workers": workers,
+                      "annotations": annotations},
         "splits": summaries, "seconds": round(seconds, 2),
         "episodes": [{k: v for k, v in asdict(r).items() if k != "folder"} for r in records],
     }
@@ -305,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated task names to draw from (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seeds every episode (with its split and index)")
     parser.add_argument("--workers", type=int, default=1, help="processes recording episodes in parallel")
+    parser.add_argument("--annotations", choices=("training", "validation"), default="training",
+                        help="window instructions: training paraphrases (CALVIN's way) or the evaluation sentence")
     return parser.parse_args(argv)
 
 
@@ -312,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     manifest = record_dataset(args.output_dir, args.episodes, args.val_episodes, args.seed, args.tasks_per_episode,
-                              tasks, args.workers)
+                              tasks, args.workers, args.annotations)
     windows = sum(s["windows"] for s in manifest["splits"].values())
     frames = sum(s["frames"] for s in manifest["splits"].values())
     print(f"wrote {windows} demonstrations ({frames} frames) to {args.output_dir} in {manifest['seconds']:.1f} s "

@@ -10,8 +10,8 @@ Checks between start_info and end_info (CALVIN's):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
