@@ -261,6 +261,8 @@ _SWAP_POSITIONS = np.arange(len(TASK_NAMES) - 1, 0, -1)  # i, in draw order
 _MIN_BATCH = 4096  # draws per batch at least; a condition needs 1,000 to 20,000 draws per valid chain
 _MAX_BATCH = 1 << 16  # bounds the memory a batch takes (about 17 MB per array)
 _MAX_THREADS = 8
+# Every condition finds a valid chain within about 20,000 draws; a hundred times that without one means broken rules.
+_MAX_DRAWS_PER_CHAIN = 2_000_000
 
 
 def _draw_swaps(rng: np.random.RandomState, num_draws: int) -> np.ndarray:
@@ -320,6 +322,7 @@ class _ConditionSampler:
     how many are asked for, so get_sequences for any num_sequences shares them)."""
 
     def __init__(self, condition_index: int):
+        self._index = condition_index
         self._rng = np.random.RandomState(condition_index)  # CALVIN: np.random.seed(i) in condition i's worker
         self._start_id = int(_transition_table().condition_ids[condition_index])
         self._found: list[tuple[int, ...]] = []
@@ -333,6 +336,9 @@ class _ConditionSampler:
                 _, chains = _valid_draws(self._start_id, _draw_swaps(self._rng, batch))
                 self._found.extend(tuple(int(t) for t in chain) for chain in chains)
                 self._num_drawn += batch
+                if self._num_drawn > _MAX_DRAWS_PER_CHAIN * (len(self._found) + 1):
+                    raise RuntimeError(f"condition {self._index}: {self._num_drawn} draws gave only "
+                                       f"{len(self._found)} valid chains (broken rules or sampler)")
                 # Size the next batch for the chains still missing at the rate seen so far, with a margin.
                 rate = (len(self._found) + 1) / self._num_drawn
                 batch = int(np.clip(0.5 * (count - len(self._found)) / rate, _MIN_BATCH, _MAX_BATCH))
