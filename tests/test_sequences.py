@@ -244,3 +244,12 @@ def test_validation_instructions():
     assert shipped["open_drawer"] == "pull the handle to open the drawer"
     assert shipped["lift_red_block_drawer"] == "Take the red block from the drawer"
     assert shipped["push_into_drawer"] == "slide the block that it falls into the drawer"
+
+
+def test_numpy_global_rng_untouched():
+    np.random.seed(123)
+    before = np.random.get_state()
+    sq.get_sequences(7)
+    sq.initial_state(sq.initial_conditions()[3])
+    after = np.random.get_state()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and before[2:] == after[2:]
