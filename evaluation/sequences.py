@@ -269,13 +269,12 @@ def _draw_swaps(rng: np.random.RandomState, num_draws: int) -> np.ndarray:
     """The Fisher-Yates swap targets of `num_draws` successive `rng.choice(34, 5, replace=False)` calls, leaving
     `rng` exactly where those calls would. Row i - 1 holds j for position i (shape (33, num_draws), int8).
 
-    Legacy randint with array bounds draws each entry by masked rejection like random_interval(i), one 32-bit
-    output at a time. Its dtype must stay 32 or 64 bits: 8- and 16-bit dtypes split 32-bit outputs and would
-    consume the stream differently.
+    Legacy randint with array bounds (broadcast over `size` in C order, so draw by draw) draws each entry by masked
+    rejection like random_interval(i), one 32-bit output at a time. Its dtype must stay 32 or 64 bits: 8- and
+    16-bit dtypes split 32-bit outputs and would consume the stream differently.
     """
-    bounds = np.tile(_SWAP_POSITIONS + 1, num_draws)
-    swaps = rng.randint(0, bounds, dtype=np.int64).reshape(num_draws, len(_SWAP_POSITIONS)).astype(np.int8)
-    return swaps[:, ::-1].T.copy()
+    swaps = rng.randint(0, _SWAP_POSITIONS + 1, size=(num_draws, len(_SWAP_POSITIONS)), dtype=np.int64)
+    return swaps.astype(np.int8)[:, ::-1].T.copy()
 
 
 def _final_value(position: int, swaps: np.ndarray) -> np.ndarray:
