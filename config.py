@@ -38,7 +38,7 @@ class Config:
     load_epoch: int = 0  # load save_path/GR1_<load_epoch>.pth if it exists; checkpoint numbers continue from it
     save_epochs: int = 1  # save GR1_<epoch>.pth every this many epochs (and always after the last epoch)
     num_epochs: int = 20  # epochs to train
-    num_sequences: int = 1000  # evaluation sequences (a prefix of the official 1000)
+    num_sequences: int = 1000  # evaluation sequences: CALVIN's get_sequences(num_sequences); 1000 = the official list
     ep_len: int = 360  # env steps allowed per subtask
     print_steps: int = 100  # batches between log lines / TensorBoard points
     lr_max: float = 0.0009  # peak learning rate of the cosine schedule
@@ -111,7 +111,7 @@ class Config:
     eval_policy: str = "gr1"  # 'gr1'; baselines: 'zero' (never moves), 'expert' (built-in scene's scripted expert)
     builtin_tasks: str = ""  # built-in scene: comma-separated tasks the evaluation chains use ('' = all 11)
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
-    eval_sequence_start: int = 0  # first official sequence to evaluate (with num_sequences: a slice)
+    eval_sequence_start: int = 0  # skip the sequences before this position (evaluate a tail of the list)
     exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
 
     def to_dict(self) -> dict[str, Any]:

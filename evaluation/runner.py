@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config
+from config import Config, ConfigError
 from evaluation.interfaces import EvalEnv, EvalPolicy, TaskOracle
 from evaluation.protocol import EvalSequence, format_summary, run_protocol
 
@@ -25,14 +25,16 @@ class Backend:
 
 
 def make_backend(cfg: Config, device: torch.device) -> Backend:
-    """The environment named by cfg.eval_backend with its oracle, the sequences [eval_sequence_start,
-    eval_sequence_start + num_sequences) and one validation instruction per task."""
+    """The environment named by cfg.eval_backend with its oracle, the sequences (get_sequences(num_sequences) from
+    position eval_sequence_start, as GR1-Training draws them) and one validation instruction per task."""
     first, n = cfg.eval_sequence_start, cfg.num_sequences
+    if first >= n:
+        raise ConfigError(f"eval_sequence_start ({first}) must be smaller than num_sequences ({n})")
     if cfg.eval_backend == "calvin":
         from evaluation.calvin_env import make_calvin_env, make_calvin_oracle
         from evaluation.sequences import load_validation_instructions, official_sequences
         seqs = [EvalSequence(s["index"], list(s["tasks"]), np.asarray(s["robot_obs"]), np.asarray(s["scene_obs"]),
-                             dict(s["condition"])) for s in official_sequences(first + n)[first:]]
+                             dict(s["condition"])) for s in official_sequences(n, start=first)]
         return Backend(make_calvin_env(cfg.calvin_dataset_path, device), make_calvin_oracle(), seqs,
                        load_validation_instructions())
     from evaluation.builtin_env.env import BuiltinEnv
@@ -40,7 +42,7 @@ def make_backend(cfg: Config, device: torch.device) -> Backend:
     from evaluation.builtin_env.tasks import TASK_NAMES, BuiltinTaskOracle, validation_annotations
     tasks_used = tuple(t.strip() for t in cfg.builtin_tasks.split(",") if t.strip()) or TASK_NAMES
     seqs = [EvalSequence(i, list(tasks), state["robot_obs"], state["scene_obs"])
-            for i, (state, tasks) in enumerate(get_sequences(first + n, seed=cfg.seed, tasks=tasks_used))][first:]
+            for i, (state, tasks) in enumerate(get_sequences(n, seed=cfg.seed, tasks=tasks_used))][first:]
     return Backend(BuiltinEnv(seed=cfg.seed), BuiltinTaskOracle(),
                    seqs, {task: sentences[0] for task, sentences in validation_annotations().items()})
 

@@ -201,3 +201,20 @@ def test_evaluate_calvin_runs_the_builtin_scene_from_a_checkpoint(tiny_checkpoin
     assert json.load(open(out / "result.txt"))["null"]["avg_seq_len"] == 0.0
     assert len(os.listdir(out / "videos")) == processes + 1
     assert torch.load(tiny_checkpoint, weights_only=True)["format"] == "gr1-training"
+
+
+def test_runner_drives_the_real_calvin_simulator(tmp_path):
+    """eval_backend=calvin: the official sequence 0 from its initial state in calvin_env (where installed)."""
+    pytest.importorskip("calvin_env", reason="calvin_env is not installed (see README: real CALVIN simulator)")
+    from accelerate import Accelerator
+
+    from config import load_config
+    from evaluation.runner import evaluate
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.json"),
+                      ["eval_backend=calvin", "eval_policy=zero", "num_sequences=1000", "eval_sequence_start=999",
+                       "ep_len=3"])
+    summary = evaluate(cfg, None, None, Accelerator(cpu=True), str(tmp_path))
+    row = json.loads(open(tmp_path / "sequences.jsonl").read())
+    assert summary["num_sequences"] == 1 and row["index"] == 999 and row["subtasks"][0]["steps"] == 3
+    from evaluation.sequences import get_sequences
+    assert row["tasks"] == get_sequences(1000)[999][1]
