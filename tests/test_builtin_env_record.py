@@ -158,3 +158,35 @@ def test_matches_mini_calvin_layout(recording: str) -> None:
         our_stats = yaml.safe_load(f)
     assert set(our_stats) == set(ref_stats)
     assert our_stats["robot_obs"][0]["_target_"] == ref_stats["robot_obs"][0]["_target_"]
+
+
+def test_recorded_demos_convert_with_calvin2lmdb_and_load_in_the_dataset(recording: str, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from config import load_config
+    from conftest import ROOT
+    from data.lmdb_dataset import make_datasets
+    lmdb_dir = str(tmp_path / "lmdb")
+    subprocess.run([sys.executable, "calvin2lmdb.py", "--input_dir", recording, "--output_dir", lmdb_dir,
+                    "--no_progress"], cwd=ROOT, check=True, capture_output=True)
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.json"), [f"LMDB_path={lmdb_dir}", "split=calvin"])
+    train, val = make_datasets(cfg)
+    windows = json.load(open(os.path.join(recording, "manifest.json")))["splits"]
+    assert len(train) > 0 and len(val) > 0 and windows["training"]["windows"] == 2
+    item = train[0]
+    T, K = cfg.seq_len, cfg.chunk_size
+    assert item["rgb_static"].shape == (T, 3, 200, 200) and item["rgb_gripper"].shape == (T, 3, 84, 84)
+    assert item["actions"].shape == (T, K, 7) and set(item["actions"][..., 6].unique().tolist()) <= {0.0, 1.0}
+    first = _frame(os.path.join(recording, "training"), 0)
+    assert np.array_equal(item["rgb_static"][0].permute(1, 2, 0).numpy().shape, first["rgb_static"].shape)
+    np.testing.assert_allclose(item["arm_state"][0].numpy(), first["robot_obs"][:6], rtol=0, atol=1e-6)
+
+
+def test_validation_annotations_option(tmp_path) -> None:
+    from evaluation.builtin_env.tasks import validation_annotations
+    manifest = record_dataset(str(tmp_path), 1, 1, seed=5, tasks_per_episode=2, annotations="validation")
+    sentences = {s[0] for s in validation_annotations().values()}
+    assert all(a in sentences for ep in manifest["episodes"] for a in ep["annotations"])
+    with pytest.raises(ValueError, match="annotations"):
+        record_dataset(str(tmp_path / "x"), 1, 1, annotations="paraphrase")

@@ -59,7 +59,8 @@ def metrics(save: str) -> list[dict]:
 
 def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(lmdb_path, tmp_path):
     save = str(tmp_path / "run")
-    run_training(lmdb_path, save, "num_epochs=1", "print_steps=10")
+    run_training(lmdb_path, save, "num_epochs=1", "print_steps=10", "evaluate_during_training=true",
+                 "num_sequences=2", "ep_len=3")
     logged = metrics(save)
     assert len(logged) >= 5
     first, last = logged[0]["train/total"], min(r["train/total"] for r in logged[-2:])
@@ -73,6 +74,10 @@ def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(lmdb_path, tmp
     _, gr1, report = build_model(cfg, "cpu", weights=os.path.join(save, "GR1_1.pth"), for_eval=True)
     assert report.format == "gr1-training"
     assert torch.equal(gr1.state_dict()["embed_lang.weight"], ckpt["state_dict"]["embed_lang.weight"])
+    # evaluate_during_training ran the evaluation module on the saved weights
+    result = json.load(open(os.path.join(save, "eval", "epoch_1", "result.txt")))["null"]
+    assert set(result) == {"avg_seq_len", "chain_sr", "task_info"}
+    assert len(open(os.path.join(save, "eval", "epoch_1", "success_rate.txt")).read().splitlines()) == 2
 
 
 def test_two_cpu_processes_train_and_save_one_checkpoint(lmdb_path, tmp_path):
