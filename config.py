@@ -49,8 +49,8 @@ class Config:
     workers_per_gpu: int = 7  # DataLoader workers per process
     prefetch_factor: int = 2  # batches prefetched per DataLoader worker
     gradient_accumulation_steps: int = 3  # batches per optimiser step
-    rgb_static_pad: int = 10  # random-shift padding of the 200 px static camera (pixels)
-    rgb_gripper_pad: int = 4  # random-shift padding of the 84 px gripper camera (pixels)
+    rgb_static_pad: int = 10  # random-shift padding of the 200 px static camera (pixels; 0: no shift)
+    rgb_gripper_pad: int = 4  # random-shift padding of the 84 px gripper camera (pixels; 0: no shift)
     rgb_shape: int = 224  # network input resolution
     patch_size: int = 16  # ViT / pixel-decoder patch size
     rgb_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # image normalisation mean (ImageNet)

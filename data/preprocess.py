@@ -53,7 +53,7 @@ class ImagePreprocessor:
         if images_u8.dim() != 5 or images_u8.shape[2] != 3:
             raise ValueError(f"expected uint8 images (B, T, 3, H, W), got {tuple(images_u8.shape)}")
         x = images_u8.float() * (1 / 255.0)  # Faithful to GR1-Training: not bit-identical to / 255
-        if train:
+        if train and pad > 0:
             x = random_shift(x, pad)
         B, T = x.shape[:2]
         x = F.interpolate(x.flatten(0, 1), size=(self.size, self.size), mode="bicubic", align_corners=False,

@@ -76,3 +76,16 @@ def test_rejects_wrong_layout():
     with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"):
         pre.process(torch.zeros(2, 200, 200, 3, dtype=torch.uint8), torch.zeros(1, 1, 3, 84, 84, dtype=torch.uint8),
                     train=False)
+
+
+def test_zero_padding_turns_the_shift_off():
+    pre = ImagePreprocessor(Config().replace(rgb_static_pad=0, rgb_gripper_pad=0, rgb_shape=32), "cpu")
+    static_u8 = torch.randint(0, 256, (2, 3, 3, 200, 200), dtype=torch.uint8)
+    gripper_u8 = torch.randint(0, 256, (2, 3, 3, 84, 84), dtype=torch.uint8)
+    torch.manual_seed(0)
+    train = pre.process(static_u8, gripper_u8, train=True)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # no random draw
+    for a, b in zip(train, pre.process(static_u8, gripper_u8, train=False)):
+        assert torch.equal(a, b)
