@@ -195,22 +195,32 @@ def load_clip_file(path: str) -> dict[str, torch.Tensor]:
         return sd.get("state_dict", sd)
 
 
+RANDOM_ENCODER_SEED = 0  # initialises the frozen encoders where no weights are configured
+
+
 def build_encoders(cfg: Config, device: torch.device | str = "cpu") -> FrozenEncoders:
     """The frozen MAE and CLIP text encoders, with weights from cfg.mae_ckpt / cfg.clip_ckpt ('' = random)."""
     device = torch.device(device)
-    mae = MAEEncoder(cfg.rgb_shape, cfg.patch_size, cfg.img_feat_dim, cfg.mae_depth, cfg.mae_num_heads)
-    clip_text = CLIPTextEncoder(cfg.lang_feat_dim, cfg.clip_text_width, cfg.clip_text_layers, cfg.clip_text_heads)
+    # Random encoders (no weights configured) are the same in every process and run, whatever the global RNG state or
+    # the training seed: a policy trained on them is evaluated on the very same features.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_ENCODER_SEED)
+        mae = MAEEncoder(cfg.rgb_shape, cfg.patch_size, cfg.img_feat_dim, cfg.mae_depth, cfg.mae_num_heads)
+        clip_text = CLIPTextEncoder(cfg.lang_feat_dim, cfg.clip_text_width, cfg.clip_text_layers,
+                                    cfg.clip_text_heads)
     notes: list[str] = []
     if cfg.mae_ckpt:
         sd = load_file(cfg.mae_ckpt)
         _load_strict(mae, convert_mae_state_dict(sd.get("model", sd), notes), cfg.mae_ckpt, "MAE image encoder")
     else:
-        warnings.warn("mae_ckpt is empty: the frozen MAE image encoder keeps its RANDOM initialisation", stacklevel=2)
+        warnings.warn("mae_ckpt is empty: the frozen MAE image encoder keeps its RANDOM initialisation (seeded: the "
+                      "same in every run)", stacklevel=2)
     if cfg.clip_ckpt:
         _load_strict(clip_text, convert_clip_state_dict(load_clip_file(cfg.clip_ckpt)), cfg.clip_ckpt,
                      "CLIP text encoder")
     else:
-        warnings.warn("clip_ckpt is empty: the frozen CLIP text encoder keeps its RANDOM initialisation", stacklevel=2)
+        warnings.warn("clip_ckpt is empty: the frozen CLIP text encoder keeps its RANDOM initialisation (seeded: "
+                      "the same in every run)", stacklevel=2)
     set_exact_attention(mae, cfg.exact_attention)
     return FrozenEncoders(mae, clip_text, _clip_dtype(cfg, device)).to(device)
 

@@ -178,6 +178,9 @@ def test_encoder_weight_files_load_strictly(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = build_encoders(cfg)
+    with torch.no_grad():  # unlike the seeded random init, so that only loading can give these weights
+        for t in source.state_dict().values():
+            t.add_(torch.rand_like(t)) if t.is_floating_point() else None
     mae_sd = {**source.mae.state_dict(), "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(2)}
     torch.save({"model": mae_sd}, tmp_path / "mae.pth")
     clip_sd = {**source.clip_text.state_dict(), "visual.proj": torch.zeros(3), "logit_scale": torch.zeros(())}
@@ -190,3 +193,19 @@ def test_encoder_weight_files_load_strictly(tmp_path):
         build_encoders(cfg.replace(mae_ckpt=str(tmp_path / "bad.pth")))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_encoders(cfg.replace(mae_ckpt=str(tmp_path / "nowhere.pth")))
+
+
+def test_random_encoders_are_the_same_in_every_run():
+    """Without MAE/CLIP weights a policy is trained and evaluated on random encoders: training (global RNG seeded
+    with its seed) and evaluate_calvin.py (another RNG state) must build the very same ones."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        a = build_encoders(_tiny())
+        torch.manual_seed(123)
+        b = build_encoders(_tiny(seed=7))
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(1)), "building the encoders must leave the global RNG alone"
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
