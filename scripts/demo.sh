@@ -11,6 +11,9 @@ EPISODES=${DEMO_EPISODES:-30}
 SEQUENCES=${DEMO_SEQUENCES:-20}
 TASKS=turn_on_led,turn_off_led,push_red_block_left,push_red_block_right,lift_red_block_table
 CONFIG=configs/demo.json
+# accelerate launch sets OMP_NUM_THREADS=1 for CPU processes unless told otherwise: give the one process every core
+LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+  --num_cpu_threads_per_process $(nproc)"
 start=$SECONDS
 step() { printf '\n== [%4ds] %s\n' $((SECONDS - start)) "$*"; }
 
@@ -43,14 +46,14 @@ fi
 
 step "train a tiny GR-1 on CPU"
 if [ ! -f "$OUT/train/done" ]; then
-  accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no Main.py \
+  $LAUNCH Main.py \
     --config "$CONFIG" "LMDB_path=$OUT/lmdb" "save_path=$OUT/train/" resume=true
   touch "$OUT/train/done"
 fi
 CKPT=$(ls -v "$OUT"/train/GR1_*.pth | tail -n 1)
 
 step "evaluate the trained policy in the built-in scene ($SEQUENCES sequences, with videos)"
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no evaluate_calvin.py \
+$LAUNCH evaluate_calvin.py \
   --config "$CONFIG" "ckpt_path=$CKPT" "eval_dir=$OUT/eval" "num_sequences=$SEQUENCES" "builtin_tasks=$TASKS" \
   record_evaluation_video=true
 
