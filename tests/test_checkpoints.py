@@ -180,7 +180,8 @@ def test_encoder_weight_files_load_strictly(tmp_path):
         source = build_encoders(cfg)
     with torch.no_grad():  # unlike the seeded random init, so that only loading can give these weights
         for t in source.state_dict().values():
-            t.add_(torch.rand_like(t)) if t.is_floating_point() else None
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t))
     mae_sd = {**source.mae.state_dict(), "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(2)}
     torch.save({"model": mae_sd}, tmp_path / "mae.pth")
     clip_sd = {**source.clip_text.state_dict(), "visual.proj": torch.zeros(3), "logit_scale": torch.zeros(())}
