@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import Config
+from data.lmdb_dataset import collate_batch
 
 
 class EpochSampler(Sampler[int]):
@@ -48,10 +49,15 @@ def make_loader(dataset: Dataset, cfg: Config, rank: int, world: int, train: boo
     """A DataLoader over this process's shard; training drops the last incomplete batch."""
     sampler = EpochSampler(len(dataset), cfg.seed + seed_offset, rank, world, shuffle=True)
     workers = cfg.workers_per_gpu
+    if workers > 0 and hasattr(dataset, "reuse_buffers"):
+        # Each worker writes its batches into a ring of shared buffers instead of new shared memory (which costs
+        # more than decoding). A worker has at most prefetch_factor batches in flight and the training loop holds
+        # at most 2 (DevicePrefetcher), so a buffer is rewritten only after its batch has been used.
+        dataset.reuse_buffers = cfg.prefetch_factor + 2
     return DataLoader(
         dataset, batch_size=cfg.bs_per_gpu, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         drop_last=train, prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0, collate_fn=collate_batch,  # batches written in place, not stacked
         # The loader's own generator seeds the workers, so iterating never consumes the global RNG (augmentation).
         generator=torch.Generator().manual_seed(cfg.seed + seed_offset))
 

@@ -9,7 +9,16 @@ from bench.reference_reader import ReferenceSchemaReader
 from config import Config
 from conftest import shared_path
 from data.convert import convert
-from data.lmdb_dataset import DatasetError, LMDBDataset, make_datasets, open_lmdb, ratio_window_range, read_index
+from data.lmdb_dataset import (
+    DatasetError,
+    LMDBDataset,
+    collate_batch,
+    make_datasets,
+    open_lmdb,
+    ratio_window_range,
+    read_index,
+)
+from data.loader import make_loader
 from data_helpers import assert_items_equal, copy_lmdb, mini_calvin, mini_lmdb  # noqa: F401 (fixture)
 
 
@@ -104,8 +113,22 @@ def test_dataloader_workers_give_the_same_batches(mini_lmdb):
     subset = torch.utils.data.Subset(train, [0, 61, 62, 150, 227])
     serial = next(iter(DataLoader(subset, batch_size=5, num_workers=0)))
     parallel = next(iter(DataLoader(subset, batch_size=5, num_workers=2, multiprocessing_context="fork")))
+    items = [train[i] for i in subset.indices]
     for key in serial:
         assert torch.equal(serial[key], parallel[key]), key
+        assert torch.equal(serial[key], torch.stack([item[key] for item in items])), key
+    # The training loader's collate_batch takes the batch written in place (in a worker: in shared memory, so it
+    # is passed by handle). Its buffers start uninitialised: padded frames and masked actions must still be zeros.
+    written = subset.__getitems__(list(range(5)))
+    assert collate_batch(written) is written.batch, "the batch must be taken as written, not stacked again"
+    for workers in (0, 1):
+        loader = DataLoader(subset, batch_size=5, num_workers=workers, collate_fn=collate_batch,
+                            multiprocessing_context="fork" if workers else None)
+        for _ in range(2):
+            batch = next(iter(loader))
+            for key in serial:
+                assert torch.equal(serial[key], batch[key]) and batch[key].dtype == serial[key].dtype, key
+                assert batch[key].is_shared() == (workers > 0), key
 
 
 def test_missing_and_unfinished_lmdbs_say_what_to_do(tmp_path):
@@ -137,3 +160,30 @@ def test_valid_steps_never_read_past_the_lmdb_end():
         action = pickle.loads(txn.get(b"rel_action_18")).float()
     action[-1] = (action[-1] + 1) / 2
     assert torch.equal(last["actions"][0, 0], action) and last["actions"][1:].abs().sum() == 0
+
+
+def test_training_loader_reuses_worker_buffers_without_corrupting_batches(mini_lmdb):
+    """make_loader's workers cycle through prefetch_factor + 2 shared buffers each: over several epochs (many more
+    batches than buffers) every batch equals the items of the sampler's indices, and the batch before the current
+    one is still intact (the training loop may hold two)."""
+    cfg = _cfg(mini_lmdb, seq_len=3, chunk_size=2, skip_frame=1, bs_per_gpu=3, workers_per_gpu=2, prefetch_factor=2)
+    train, _ = make_datasets(cfg)
+    subset_size = 30
+    train.num_items = subset_size  # 10 batches per epoch, 5 per worker
+    loader = make_loader(train, cfg, rank=0, world=1, train=True, pin_memory=False)
+    assert train.reuse_buffers == 4
+    items = {i: train[i] for i in range(subset_size)}
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        indices = list(loader.sampler)
+        previous = None
+        for b, batch in enumerate(loader):
+            expected = {k: torch.stack([items[i][k] for i in indices[3 * b:3 * b + 3]]) for k in batch}
+            assert batch["rgb_static"].is_shared()
+            for k in batch:
+                assert torch.equal(batch[k], expected[k]), (epoch, b, k)
+            if previous is not None:
+                for k in batch:
+                    assert torch.equal(previous[0][k], previous[1][k]), (epoch, b - 1, k, "overwritten")
+            previous = (batch, expected)
+        assert b == 9
