@@ -32,6 +32,7 @@ from bench.reference_reader import ReferenceSchemaReader  # noqa: E402
 from data import calvin_format as cf  # noqa: E402
 from data.convert import convert  # noqa: E402
 from data.lmdb_dataset import LMDBDataset, collate_batch, ratio_window_range, read_index, reading  # noqa: E402
+from data.loader import reuse_worker_buffers  # noqa: E402
 
 MINI_CALVIN = os.path.join(os.path.dirname(ROOT), "shared", "calvin", "mini_calvin")
 T = K = 10
@@ -50,7 +51,8 @@ def loader_rate(dataset: Dataset, order: list[int]) -> float:
     collate (items stacked into new shared memory per batch)."""
     collate = None
     if isinstance(dataset, LMDBDataset):
-        collate, dataset.reuse_buffers = collate_batch, 2 + 2
+        collate = collate_batch
+        reuse_worker_buffers(dataset, prefetch_factor=2)  # DataLoader's default prefetch_factor
     loader = DataLoader(Subset(dataset, order), batch_size=8, num_workers=1, multiprocessing_context="fork",
                         collate_fn=collate)
     batches = iter(loader)

@@ -205,8 +205,7 @@ class LMDBDataset(Dataset):
         if in_worker and self.reuse_buffers:
             batch = self._next_shared_buffers(len(indices))
         else:
-            batch = {k: empty_tensor((len(indices),) + tuple(shape), dtype, in_worker)
-                     for k, (shape, dtype) in self.item_shapes().items()}
+            batch = self._new_batch_buffers(len(indices), in_worker)
         arrays = {k: v.numpy() for k, v in batch.items()}
         for row, idx in enumerate(indices):
             self.fill(idx, {k: a[row] for k, a in arrays.items()})
@@ -222,9 +221,12 @@ class LMDBDataset(Dataset):
         if slot == len(self._ring):
             self._ring.append({})
         if not self._ring[slot] or len(self._ring[slot]["mask"]) < n:
-            self._ring[slot] = {k: empty_tensor((n,) + tuple(shape), dtype, True)
-                                for k, (shape, dtype) in self.item_shapes().items()}
+            self._ring[slot] = self._new_batch_buffers(n, shared=True)
         return {k: v[:n] for k, v in self._ring[slot].items()}
+
+    def _new_batch_buffers(self, n: int, shared: bool) -> dict[str, torch.Tensor]:
+        """Uninitialised (n, ...) tensors, one per item entry."""
+        return {k: empty_tensor((n,) + tuple(shape), dtype, shared) for k, (shape, dtype) in self.item_shapes().items()}
 
     def fill(self, idx: int, out: dict[str, np.ndarray]) -> None:
         """Writes item `idx` into the arrays `out` (shapes and dtypes of item_shapes(); their contents are ignored)."""

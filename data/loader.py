@@ -44,16 +44,22 @@ class EpochSampler(Sampler[int]):
         return self.per_rank - self.start
 
 
+def reuse_worker_buffers(dataset: Dataset, prefetch_factor: int) -> None:
+    """Lets each DataLoader worker write its batches into a ring of shared buffers instead of new shared memory
+    (which costs more than decoding); to be iterated with collate_batch. A worker has at most prefetch_factor batches
+    in flight and the training loop holds at most 2 (DevicePrefetcher), so a buffer is rewritten only after its
+    batch has been used. Datasets without batch buffers are left as they are."""
+    if hasattr(dataset, "reuse_buffers"):
+        dataset.reuse_buffers = prefetch_factor + 2
+
+
 def make_loader(dataset: Dataset, cfg: Config, rank: int, world: int, train: bool, pin_memory: bool,
                 seed_offset: int = 0) -> DataLoader:
     """A DataLoader over this process's shard; training drops the last incomplete batch."""
     sampler = EpochSampler(len(dataset), cfg.seed + seed_offset, rank, world, shuffle=True)
     workers = cfg.workers_per_gpu
-    if workers > 0 and hasattr(dataset, "reuse_buffers"):
-        # Each worker writes its batches into a ring of shared buffers instead of new shared memory (which costs
-        # more than decoding). A worker has at most prefetch_factor batches in flight and the training loop holds
-        # at most 2 (DevicePrefetcher), so a buffer is rewritten only after its batch has been used.
-        dataset.reuse_buffers = cfg.prefetch_factor + 2
+    if workers > 0:
+        reuse_worker_buffers(dataset, cfg.prefetch_factor)
     return DataLoader(
         dataset, batch_size=cfg.bs_per_gpu, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         drop_last=train, prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
