@@ -16,8 +16,9 @@ Prefixes added by DDP (``module.``) or torch.compile (``_orig_mod.``) are stripp
 """
 from __future__ import annotations
 
+import glob
 import os
-import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from config import Config, expand_path
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
+from models.files import CheckpointError, is_torchscript_archive, load_file, read_torchscript_tensors
 from models.gr1 import GR1
 from models.layers import Attention
 
@@ -33,10 +35,6 @@ CHECKPOINT_FORMAT = "gr1-training"  # value of the 'format' entry this project a
 _GPT2_OLD_BUFFERS = (".attn.bias", ".attn.masked_bias")  # persistent in transformers <= 4.11, unused here
 _MAE_PRETRAIN_EXTRA = ("mask_token", "decoder_")  # MAE pretraining decoder keys, if a full MAE checkpoint is given
 _CLIP_UNUSED = ("visual.", "logit_scale", "input_resolution", "context_length", "vocab_size")
-
-
-class CheckpointError(RuntimeError):
-    """A weights file does not fit the model; the message names the file and the offending keys."""
 
 
 @dataclass
@@ -50,19 +48,14 @@ class LoadReport:
         return f"loaded {self.format} weights from {self.path}" + (f" ({extra})" if extra else "")
 
 
-# ---------------------------------------------------------------- files
+# ---------------------------------------------------------------- files (read by models/files.py: no code runs)
 
-def load_file(path: str) -> dict:
-    """torch.load on CPU; weights_only first, full unpickling only as an explicit, warned fallback."""
-    path = expand_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        warnings.warn(f"{path} holds more than tensors; unpickling it fully (only do this for files you trust)",
-                      stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False)
+def tensor_dict(raw: object, entry: str, path: str, what: str) -> dict[str, torch.Tensor]:
+    """raw[entry] if present, else raw itself, checked to be a {name: tensor} dict."""
+    sd = raw.get(entry, raw) if isinstance(raw, dict) else raw
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path} is not {what} (expected a state dict or {{'{entry}': state dict}})")
+    return sd
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,16 +176,14 @@ def _clip_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def load_clip_file(path: str) -> dict[str, torch.Tensor]:
-    """OpenAI's ViT-B-32.pt is a TorchScript archive; a plain state-dict file works too."""
+    """OpenAI's ViT-B-32.pt (a TorchScript archive, read as data: models/files.py) or a plain state-dict file."""
     path = expand_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights not found: {path} (set clip_ckpt to the ViT-B-32.pt that "
                                 "clip.load('ViT-B/32') downloads to ~/.cache/clip/)")
-    try:
-        return {k: v.float() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
-    except RuntimeError:
-        sd = load_file(path)
-        return sd.get("state_dict", sd)
+    if is_torchscript_archive(path):
+        return {k: v.float() for k, v in read_torchscript_tensors(path).items()}
+    return tensor_dict(load_file(path), "state_dict", path, "a CLIP state dict or TorchScript archive")
 
 
 RANDOM_ENCODER_SEED = 0  # initialises the frozen encoders where no weights are configured
@@ -210,8 +201,8 @@ def build_encoders(cfg: Config, device: torch.device | str = "cpu") -> FrozenEnc
                                     cfg.clip_text_heads)
     notes: list[str] = []
     if cfg.mae_ckpt:
-        sd = load_file(cfg.mae_ckpt)
-        _load_strict(mae, convert_mae_state_dict(sd.get("model", sd), notes), cfg.mae_ckpt, "MAE image encoder")
+        sd = tensor_dict(load_file(cfg.mae_ckpt, "mae"), "model", cfg.mae_ckpt, "an MAE checkpoint")
+        _load_strict(mae, convert_mae_state_dict(sd, notes), cfg.mae_ckpt, "MAE image encoder")
     else:
         warnings.warn("mae_ckpt is empty: the frozen MAE image encoder keeps its RANDOM initialisation (seeded: the "
                       "same in every run)", stacklevel=2)
@@ -235,21 +226,26 @@ def build_gr1(cfg: Config) -> GR1:
 
 
 def default_weights_path(cfg: Config, for_eval: bool = False) -> str | None:
-    """Which policy weights a run starts from, as GR1-Training decides (ckpt_path first when evaluating)."""
-    if for_eval and cfg.ckpt_path:
+    """Which policy weights a run starts from: ckpt_path if set (training and evaluation alike; for_eval is kept for
+    callers and changes nothing), else the Bytedance snapshot with load_bytedance_ckpt, else
+    save_path/GR1_<load_epoch>.pth as GR1-Training does: None (random) if it does not exist and load_epoch is 0, an
+    error naming the file for any other load_epoch (GR1-Training silently trained from scratch)."""
+    if cfg.ckpt_path:
         return cfg.ckpt_path
     if cfg.load_bytedance_ckpt:
         return cfg.bytedance_ckpt_path
     path = os.path.join(cfg.save_path, f"GR1_{cfg.load_epoch}.pth")
+    if cfg.load_epoch and not os.path.isfile(path):
+        raise CheckpointError(f"load_epoch={cfg.load_epoch} but {path} does not exist (load_epoch=0 starts from "
+                              "random weights)")
     return path if os.path.isfile(path) else None
 
 
-def load_policy_weights(gr1: GR1, encoders: FrozenEncoders | None, path: str, cfg: Config) -> LoadReport:
-    """Load any supported GR-1 checkpoint file strictly (see the module docstring for the conversions)."""
-    raw = load_file(path)
-    sd = raw.get("state_dict", raw) if isinstance(raw, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} is not a GR-1 checkpoint (expected a state dict or {{'state_dict': ...}})")
+def load_policy_weights(gr1: GR1, encoders: FrozenEncoders | None, path: str, cfg: Config,
+                        kind: str = "checkpoint") -> LoadReport:
+    """Load any supported GR-1 checkpoint file strictly (see the module docstring for the conversions); `kind`
+    names the globals the file may pickle besides tensors (models/files.py SAFE_GLOBALS)."""
+    sd = tensor_dict(load_file(path, kind), "state_dict", path, "a GR-1 checkpoint")
     return load_policy_state_dict(gr1, encoders, sd, cfg, path)
 
 
@@ -280,7 +276,8 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", weights: str | 
     encoders = build_encoders(cfg, device)
     gr1 = build_gr1(cfg)
     path = default_weights_path(cfg, for_eval) if weights == "default" else weights
-    report = load_policy_weights(gr1, encoders, path, cfg) if path else None
+    kind = "bytedance" if cfg.load_bytedance_ckpt and path == cfg.bytedance_ckpt_path else "checkpoint"
+    report = load_policy_weights(gr1, encoders, path, cfg, kind) if path else None
     return encoders, gr1.to(device), report
 
 
@@ -292,9 +289,32 @@ def policy_state_dict(gr1: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(gr1: nn.Module, path: str, cfg: Config, **extra) -> None:
-    """Write {'state_dict', 'config', 'format', **extra} atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    payload = {"state_dict": policy_state_dict(gr1), "config": cfg.to_dict(), "format": CHECKPOINT_FORMAT, **extra}
+    """Write {'state_dict', 'config', 'format', **extra} atomically (temp file + rename). Temporary files that a
+    killed save left beside it are removed; non-finite weights are never written."""
+    sd = policy_state_dict(gr1)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"not saving {path}: {len(bad)} tensors hold NaN or inf (first: {bad[0]})")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
+    payload = {"state_dict": sd, "config": cfg.to_dict(), "format": CHECKPOINT_FORMAT, **extra}
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete <name>.pth.tmp<pid> files of saves that were killed (not this process's)."""
+    for tmp in glob.glob(os.path.join(glob.escape(directory), "*.pth.tmp*")):
+        match = re.search(r"\.pth\.tmp(\d+)$", tmp)
+        if match and int(match.group(1)) != os.getpid():
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
