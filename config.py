@@ -106,7 +106,7 @@ class Config:
     train_ratio: float = 0.9  # with split='ratio': fraction of LMDB steps used for training
     eval_backend: str = "builtin"  # 'builtin' (pybullet scene shipped here) or 'calvin' (real calvin_env)
     calvin_dataset_path: str = ""  # CALVIN split folder with validation/.hydra/merged_config.yaml ('' = shipped)
-    ckpt_path: str = ""  # policy weights for evaluate_calvin.py ('' = save_path/GR1_<load_epoch>.pth)
+    ckpt_path: str = ""  # policy weights to evaluate, and training's starting weights ('' = see load_epoch)
     eval_feature_cache: bool = True  # cache per-frame encoder features during evaluation
     eval_policy: str = "gr1"  # 'gr1'; baselines: 'zero' (never moves), 'expert' (built-in scene's scripted expert)
     builtin_tasks: str = ""  # built-in scene: comma-separated tasks the evaluation chains use ('' = all 11)
@@ -136,6 +136,8 @@ _CHOICES = {
 _MUST_BE_TRUE = ("use_hand_rgb", "act_pred", "fwd_pred", "fwd_pred_hand")
 _NON_NEGATIVE = ("load_epoch", "skip_frame", "workers_per_gpu", "save_steps", "max_train_steps", "rgb_static_pad",
                  "rgb_gripper_pad", "seed", "eval_sequence_start")
+_POSITIVE_FLOATS = ("lr_max",)
+_NON_NEGATIVE_FLOATS = ("weight_decay", "arm_loss_ratio", "num_warmup_epochs")
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -227,6 +229,14 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail(f"'skip_frame' ({cfg.skip_frame}) must be smaller than 'seq_len' ({cfg.seq_len})")
     if not 0.0 < cfg.train_ratio < 1.0:
         fail(f"'train_ratio' must be in (0, 1), got {cfg.train_ratio}")
+    for name in _POSITIVE_FLOATS:
+        if not getattr(cfg, name) > 0:
+            fail(f"'{name}' must be > 0, got {getattr(cfg, name)}")
+    for name in _NON_NEGATIVE_FLOATS:
+        if getattr(cfg, name) < 0:
+            fail(f"'{name}' must be >= 0, got {getattr(cfg, name)}")
+    if not all(s > 0 for s in cfg.rgb_std):
+        fail(f"'rgb_std' entries must be > 0, got {list(cfg.rgb_std)}")
     if not 0.0 <= cfg.dropout < 1.0:
         fail(f"'dropout' must be in [0, 1), got {cfg.dropout}")
     tokens_per_step = 2 + 2 * (cfg.resampler_num_latents + 1) + cfg.chunk_size + 2 * (cfg.resampler_num_latents + 1)
