@@ -2,18 +2,21 @@
 
 - :func:`die_with_parent` is called at the start of every worker process (the converter's process pool, DataLoader
   workers) and of training processes started by a launcher (``accelerate launch`` / ``torchrun``). On Linux the
-  kernel sends a signal when the parent dies (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread also polls
-  ``os.getppid()`` and signals this process once the parent is gone. So a killed converter or launcher (even with
-  SIGKILL, which it cannot handle) leaves no worker behind.
+  kernel sends a signal when the parent dies (``prctl(PR_SET_PDEATHSIG)``); where that is unavailable, a daemon
+  thread polls ``os.getppid()`` and signals this process once the parent is gone. So a killed converter or
+  launcher (even with SIGKILL, which it cannot handle) leaves no worker behind.
 - :class:`StopSignals` turns SIGINT and SIGTERM into a request that the training loop answers at its next optimiser
-  step (the state is saved, then the run exits with 130, as for Ctrl-C); a second signal interrupts at once.
+  step (the state is saved, then the run exits with 130, as for Ctrl-C); a second Ctrl-C interrupts at once.
+  Worker processes ignore both (:func:`worker_init`): they end with their parent.
   :func:`sigterm_as_keyboard_interrupt` makes SIGTERM raise KeyboardInterrupt, for code that already stops cleanly on
   Ctrl-C (the converter).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
+import multiprocessing
 import os
 import signal
 import sys
@@ -62,16 +65,43 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
     if _watched_parent == parent:
         return
     _watched_parent = parent
-    _set_pdeathsig(sig)
+    kernel_watch = _set_pdeathsig(sig)
     if os.getppid() != parent:  # already orphaned
         threading.Thread(target=_orphaned, args=(sig,), daemon=True).start()
-        return
-    threading.Thread(target=_poll_parent, args=(parent, sig), name="parent-death-watch", daemon=True).start()
+    elif not kernel_watch:  # the portable fallback (one signal only: a second one would interrupt a clean stop)
+        threading.Thread(target=_poll_parent, args=(parent, sig), name="parent-death-watch", daemon=True).start()
 
 
-def dataloader_worker_init(parent: int, worker_id: int) -> None:
-    """worker_init_fn of DataLoaders (bound to the loader's process with functools.partial)."""
+def worker_init(parent: int, *unused: object) -> None:
+    """Start of a worker process (the converter's pool initializer; DataLoader's worker_init_fn, bound to the loader's
+    process with functools.partial): it dies with `parent`, and leaves SIGINT and SIGTERM to it. A signal sent to
+    the whole process group (Ctrl-C, torchrun stopping its workers, a job scheduler) then stops the parent cleanly
+    instead of killing its workers under it; the parent ends them as it exits."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent)
+
+
+_ending_workers_at_exit = False
+
+
+def end_workers_at_exit() -> None:
+    """Worker processes ignore SIGTERM (worker_init), which multiprocessing sends its daemonic children at exit
+    before joining them (DataLoader workers are ended that way: torch leaves them to it). So at exit this process
+    ends them with SIGKILL first (atexit hooks run last-registered first, so this runs before multiprocessing's)."""
+    global _ending_workers_at_exit
+    if not _ending_workers_at_exit:
+        _ending_workers_at_exit = True
+        atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's DataLoader handler would report them as failures
+        for child in children:
+            child.kill()
+            child.join(timeout=5)
 
 
 def die_with_launcher() -> None:
@@ -81,8 +111,10 @@ def die_with_launcher() -> None:
 
 
 class StopSignals:
-    """Context manager: SIGINT / SIGTERM set `requested` (and the signal's name) instead of killing the process;
-    a second one raises KeyboardInterrupt at once. Previous handlers are restored on exit."""
+    """Context manager: SIGINT / SIGTERM set `requested` (the signal's name) instead of killing the process; a second
+    SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once. Repeated SIGTERMs change nothing: a launcher or scheduler
+    that gives up waiting sends SIGKILL, and the kernel may send the parent-death signal more than once (once per
+    thread of the dying parent). Previous handlers are restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -91,9 +123,9 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None:
+        if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -29,7 +29,7 @@ import numpy as np
 from config import Config
 from data import calvin_format as cf
 from data.codec import dumps_value
-from processes import die_with_parent
+from processes import worker_init
 
 INFO_VERSION = 1
 WRITER = "GR1 calvin2lmdb"
@@ -231,8 +231,8 @@ def _ordered_results(tasks: list[tuple], workers: int) -> Iterator[list[tuple[by
         for task in tasks:
             yield _encode_task(task)
         return
-    # Workers die with this process, even if it is killed with SIGKILL (processes.die_with_parent).
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=die_with_parent,
+    # Workers die with this process, even if it is killed with SIGKILL, and leave signals to it (processes.py).
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_init,
                              initargs=(os.getpid(),)) as pool:
         pending: deque[Future] = deque()
         todo = iter(tasks)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import Config
 from data.lmdb_dataset import collate_batch
-from processes import dataloader_worker_init
+from processes import end_workers_at_exit, worker_init
 
 
 class EpochSampler(Sampler[int]):
@@ -66,11 +66,12 @@ def make_loader(dataset: Dataset, cfg: Config, rank: int, world: int, train: boo
     workers = cfg.workers_per_gpu
     if workers > 0:
         reuse_worker_buffers(dataset, cfg.prefetch_factor)
+        end_workers_at_exit()  # the workers leave SIGINT / SIGTERM to this process (processes.worker_init)
     return DataLoader(
         dataset, batch_size=cfg.bs_per_gpu, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         drop_last=train, prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=workers > 0, collate_fn=collate_batch,  # batches written in place, not stacked
-        worker_init_fn=functools.partial(dataloader_worker_init, os.getpid()),  # workers die with this process
+        worker_init_fn=functools.partial(worker_init, os.getpid()),  # workers die with this process
         # The loader's own generator seeds the workers, so iterating never consumes the global RNG (augmentation).
         generator=torch.Generator().manual_seed(cfg.seed + seed_offset))
 

@@ -73,7 +73,7 @@ def _reason(e: Exception) -> str:
     if "central directory" in text or "zip archive" in text:
         return "truncated or corrupt zip archive (an interrupted download or copy?)"
     first = text.strip().splitlines()[0] if text.strip() else "no detail"
-    return f"not a readable torch file ({type(e).__name__}: {first[:200]})"
+    return f"not a torch weights file ({type(e).__name__}: {first[:200]})"
 
 
 def load_file(path: str, kind: str = "checkpoint") -> Any:
