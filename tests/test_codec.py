@@ -3,17 +3,15 @@ restricted unpickler, never by pickle.load / pickle.loads, so that a crafted val
 from __future__ import annotations
 
 import datetime
-import os
 import pickle
-import pickletools
 import re
-from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import shared_path
+from crafted import Storage, Tensor, blob_of, crafted_values
 from data import codec
 from data.codec import LMDBValueError, dumps_value, loads_value
 from data.lmdb_dataset import reading
@@ -21,11 +19,6 @@ from data.lmdb_dataset import reading
 ARRAYS = [np.arange(7, dtype=np.float64) / 3, np.linspace(-1, 1, 15, dtype=np.float32), np.arange(77, dtype=np.int32),
           np.arange(300).astype(np.uint8), np.linspace(0, 1, 512).astype(np.float16), np.array(3.5),
           np.arange(12, dtype=np.float64).reshape(3, 4), np.array([True, False]), np.arange(70000, dtype=np.int64)]
-
-
-def _blob(pickled: bytes) -> bytes:
-    """The nested torch.save blob inside a pickled tensor."""
-    return next(arg for op, arg, _ in pickletools.genops(pickled) if op.name in ("BINBYTES", "BINBYTES8"))
 
 
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(a.shape)}")
@@ -40,9 +33,9 @@ def test_dumps_value_is_what_torch_unpickles(array):
 
 @pytest.mark.parametrize("array", ARRAYS[:4], ids=lambda a: str(a.dtype))
 def test_storage_blob_equals_torchs_up_to_the_storage_key(array):
-    theirs = _blob(pickle.dumps(torch.from_numpy(array)))
+    theirs = blob_of(pickle.dumps(torch.from_numpy(array)))
     key = re.search(rb"q\x01X(....)(\d+)q\x02", theirs).group(2)  # torch uses the storage's address
-    ours = _blob(dumps_value(array)).replace(b"X\x01\x00\x00\x000q", b"X" + len(key).to_bytes(4, "little") + key
+    ours = blob_of(dumps_value(array)).replace(b"X\x01\x00\x00\x000q", b"X" + len(key).to_bytes(4, "little") + key
                                              + b"q")
     assert ours == theirs
 
@@ -98,51 +91,7 @@ def test_non_contiguous_tensors_and_other_globals():
         dumps_value(1.5)
 
 
-# ---------------------------------------------------------------- crafted values
-
-class _Run:
-    """Unpickling this runs a shell command (os.system) — what a hostile LMDB value does to pickle.loads."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-class _Storage:
-    def __init__(self, blob: bytes):
-        self.blob = blob
-
-    def __reduce__(self):
-        return torch.storage._load_from_bytes, (self.blob,)
-
-
-class _Tensor:
-    def __init__(self, storage: object, numel: int):
-        self.storage, self.numel = storage, numel
-
-    def __reduce__(self):
-        return torch._utils._rebuild_tensor_v2, (self.storage, 0, (self.numel,), (1,), False, OrderedDict())
-
-
-def crafted_values(marker: str) -> dict[str, bytes]:
-    """Pickles that run `touch marker` if unpickled with plain pickle: in the value itself and at each place of the
-    tensor's nested storage blob (the header pickles, the storage record, the key list)."""
-    run = pickle.dumps(_Run(f"touch {marker}"), protocol=2)
-    legit = _blob(dumps_value(np.zeros(7)))
-    header_end = len(codec._LEGACY_HEADER)
-    keys_start = legit.index(b"\x80\x02]")
-    blobs = {"blob_magic": run + legit,
-             "blob_sys_info": legit[:header_end - len(pickle.dumps(codec._SYS_INFO, protocol=2))] + run
-             + legit[header_end:],
-             "blob_record": legit[:header_end] + run + legit[keys_start:],
-             "blob_keys": legit[:keys_start] + run + legit[legit.index(b"a.", keys_start) + 2:]}
-    values = {name: pickle.dumps(_Tensor(_Storage(blob), 7), protocol=4) for name, blob in blobs.items()}
-    values["value"] = pickle.dumps(_Run(f"touch {marker}"), protocol=4)
-    values["rebuild_arg"] = pickle.dumps(_Tensor(_Run(f"touch {marker}"), 7), protocol=4)
-    return values
-
+# ---------------------------------------------------------------- crafted values (tests/crafted.py)
 
 @pytest.mark.parametrize("place", ["value", "rebuild_arg", "blob_magic", "blob_sys_info", "blob_record", "blob_keys"])
 def test_crafted_values_run_no_code(tmp_path, monkeypatch, place):
@@ -158,7 +107,7 @@ def test_crafted_values_run_no_code(tmp_path, monkeypatch, place):
 def test_malformed_values_are_lmdb_value_errors():
     good = dumps_value(np.arange(7.0))
     for bad in (b"", b"\x80", good[:40], good[:-1], good[:-60] + b".", b"garbage", b"\x80\x04\x95" + b"\xff" * 8,
-                pickle.dumps(_Tensor(_Storage(b"\x00" * 10), 7), protocol=4),
-                pickle.dumps(_Tensor(_Storage(_blob(good)), 70), protocol=4)):  # larger than its storage
+                pickle.dumps(Tensor(Storage(b"\x00" * 10), 7), protocol=4),
+                pickle.dumps(Tensor(Storage(blob_of(good)), 70), protocol=4)):  # larger than its storage
         with pytest.raises(LMDBValueError):
             loads_value(bad)
