@@ -35,7 +35,7 @@ class Config:
     compile_model: bool = False  # torch.compile the trainable network
     bytedance_ckpt_path: str = "./snapshot_ABC.pt"  # Bytedance GR-1 snapshot, used when load_bytedance_ckpt
     load_bytedance_ckpt: bool = False  # start from the Bytedance snapshot (converted: wpe zeroed, chunk queries 0)
-    load_epoch: int = 0  # load save_path/GR1_<load_epoch>.pth if it exists; checkpoint numbers continue from it
+    load_epoch: int = 0  # start from save_path/GR1_<load_epoch>.pth (0: if it exists); checkpoint numbers continue
     save_epochs: int = 1  # save GR1_<epoch>.pth every this many epochs (and always after the last epoch)
     num_epochs: int = 20  # epochs to train
     num_sequences: int = 1000  # evaluation sequences: CALVIN's get_sequences(num_sequences); 1000 = the official list
@@ -97,7 +97,7 @@ class Config:
     mae_depth: int = 12  # MAE ViT blocks
     mae_num_heads: int = 12  # MAE ViT heads
     seed: int = 0  # seed of model init, data order and augmentation
-    resume: bool = False  # continue the run in save_path from its last full training state (exact resume)
+    resume: bool = False  # continue the run in save_path from its saved training state (exact; none yet: start)
     save_steps: int = 1000  # also save the full training state every this many optimiser steps (0 = epochs only)
     max_train_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
     lr_schedule: str = "per_step"  # 'per_step' (cosine warm-up per optimiser step) or 'reference' (staircase)

@@ -3,6 +3,8 @@ NaN caught in conversion and in training (nothing corrupt saved), SIGTERM handle
 behind, one-line errors for bad settings and outputs."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import data_helpers as helpers
 import Main
 from config import ConfigError, from_dict, load_config
 from conftest import ROOT
@@ -24,7 +27,7 @@ from data.codec import dumps_value
 from data.convert import ConversionError, convert
 from data.lmdb_dataset import close_lmdb, make_datasets
 from data.loader import EpochSampler
-from data_helpers import copy_lmdb, lmdb_contents, make_split_root, mini_calvin, mini_lmdb  # noqa: F401 (fixture)
+from data_helpers import mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_gr1, build_model, save_checkpoint
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder, tokenize
 from models.files import CheckpointError, load_file
@@ -72,7 +75,10 @@ def resumed_runs(mini_lmdb, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     common = ("bs_per_gpu=2", "save_steps=10", "print_steps=1", "num_epochs=1")  # test_resume_refuses_another_run
     straight, resumed = str(root / "straight"), str(root / "resumed")
-    _train(mini_lmdb, straight, *common, "max_train_steps=60", "resume=true")  # no state yet: a warning, then fresh
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):  # resume=true without a saved state: a warning, then a fresh start
+        _train(mini_lmdb, straight, *common, "max_train_steps=60", "resume=true")
+    assert "warning: resume=true but" in stderr.getvalue() and "holds no saved training state" in stderr.getvalue()
     _train(mini_lmdb, resumed, *common, "max_train_steps=10")
     _train(mini_lmdb, resumed, *common, "max_train_steps=60", "resume=true")
     return straight, resumed
@@ -109,8 +115,8 @@ def test_resume_refuses_another_run(resumed_runs, mini_lmdb):
 # ---------------------------------------------------------------- NaN
 
 def test_converter_rejects_non_finite_actions_and_states(tmp_path):
-    root = make_split_root(str(tmp_path / "in"), {"training": [(0, 5, "a")], "validation": [(241, 244, "b")]},
-                           mini_calvin())
+    root = helpers.make_split_root(str(tmp_path / "in"), {"training": [(0, 5, "a")], "validation": [(241, 244, "b")]},
+                           helpers.mini_calvin())
     frame = os.path.join(root, "training", "episode_0000003.npz")
     arrays = dict(np.load(frame))
     os.remove(frame)
@@ -127,7 +133,7 @@ def test_converter_rejects_non_finite_actions_and_states(tmp_path):
 def test_training_stops_at_the_first_non_finite_loss(mini_lmdb, tmp_path):
     """A NaN in one rel_action of the LMDB: training stops before the optimiser step with a message naming the
     batch's windows; the states saved before it are finite and nothing is saved after it."""
-    path = copy_lmdb(mini_lmdb, str(tmp_path / "lmdb"))
+    path = helpers.copy_lmdb(mini_lmdb, str(tmp_path / "lmdb"))
     cfg = load_config(TINY, [f"LMDB_path={path}", "bs_per_gpu=2"])
     train, _ = make_datasets(cfg)
     order = EpochSampler(len(train), cfg.seed).epoch_indices(0)
@@ -191,26 +197,12 @@ def _wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
         time.sleep(0.05)
 
 
-def _segments_done(path: str) -> int:
-    import lmdb
-    try:
-        env = lmdb.open(path, readonly=True, lock=False)
-    except lmdb.Error:
-        return 0
-    try:
-        with env.begin() as txn:
-            info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
-    finally:
-        env.close()
-    return 0 if info is None else info["segments_done"]
-
-
 def test_converter_sigterm_and_sigkill_leave_no_process(mini_lmdb, tmp_path):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "calvin2lmdb.py", "--input_dir", mini_calvin(), "--output_dir", out, "--workers", "2",
-           "--commit_every", "1", "--no_progress"]
+    cmd = [sys.executable, "calvin2lmdb.py", "--input_dir", helpers.mini_calvin(), "--output_dir", out,
+           "--workers", "2", "--commit_every", "1", "--no_progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: os.path.exists(os.path.join(out, "data.mdb")) and _segments_done(out) >= 1, proc)
+    _wait_for(lambda: helpers.segments_done(out) >= 1, proc)
     kids = _descendants(proc.pid)
     assert len(kids) >= 2, "no worker processes"
     proc.send_signal(signal.SIGTERM)
@@ -224,8 +216,8 @@ def test_converter_sigterm_and_sigkill_leave_no_process(mini_lmdb, tmp_path):
     proc.kill()  # SIGKILL: the converter cannot clean up; its workers must notice by themselves
     proc.wait()
     assert not _wait_gone(kids, 15), "processes left behind after SIGKILL"
-    convert(mini_calvin(), out, workers=1, progress=False)  # what was committed resumes to the same bytes
-    assert lmdb_contents(out) == lmdb_contents(mini_lmdb)
+    convert(helpers.mini_calvin(), out, workers=1, progress=False)  # what was committed resumes to the same bytes
+    assert helpers.lmdb_contents(out) == helpers.lmdb_contents(mini_lmdb)
 
 
 def _train_cmd(lmdb: str, save: str, processes: int = 1) -> list[str]:
@@ -291,19 +283,19 @@ def test_converter_output_errors(mini_lmdb, tmp_path):
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "data.mdb").write_bytes(b"garbage" * 1000)
     cases["garbage"] = "holds a file that is not an LMDB"
-    foreign = copy_lmdb(mini_lmdb, str(tmp_path / "foreign"))
+    foreign = helpers.copy_lmdb(mini_lmdb, str(tmp_path / "foreign"))
     put_value(foreign, "conversion_info", b"another application's record")
     cases["foreign"] = "did not write"
     for name, message in cases.items():
         with pytest.raises(ConversionError, match=message) as error:
-            convert(mini_calvin(), str(tmp_path / name), progress=False)
+            convert(helpers.mini_calvin(), str(tmp_path / name), progress=False)
         assert "\n" not in str(error.value)
     with pytest.raises(ConversionError, match="map size.*--map_size_gb") as error:
-        convert(mini_calvin(), str(tmp_path / "small"), progress=False, map_size=1 << 20)
+        convert(helpers.mini_calvin(), str(tmp_path / "small"), progress=False, map_size=1 << 20)
 
 
 def test_converter_cli_config_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "calvin2lmdb.py", "--input_dir", mini_calvin(), "--output_dir",
+    proc = subprocess.run([sys.executable, "calvin2lmdb.py", "--input_dir", helpers.mini_calvin(), "--output_dir",
                            str(tmp_path / "out"), "bs_per_gpu=ten"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     lines = proc.stderr.strip().splitlines()
@@ -312,7 +304,7 @@ def test_converter_cli_config_error_is_one_line(tmp_path):
 
 
 def test_corrupt_lmdb_pages_are_named(mini_lmdb, tmp_path):
-    path = copy_lmdb(mini_lmdb, str(tmp_path / "lmdb"))
+    path = helpers.copy_lmdb(mini_lmdb, str(tmp_path / "lmdb"))
     with open(os.path.join(path, "data.mdb"), "r+b") as f:
         f.seek(4096 * 3)
         f.write(np.random.default_rng(0).integers(0, 256, 4096 * 8, dtype=np.uint8).tobytes())
