@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 import struct
 import sys
 from collections import OrderedDict
@@ -39,7 +40,6 @@ _SYS_INFO = {"protocol_version": _LEGACY_PROTOCOL, "little_endian": True,
              "type_sizes": {"short": 2, "int": 4, "long": 4}}  # what torch writes (see the fixture LMDB)
 _LEGACY_HEADER = b"".join(pickle.dumps(x, protocol=2) for x in (_LEGACY_MAGIC, _LEGACY_PROTOCOL, _SYS_INFO))
 _STORAGE_KEY = "0"  # any string works; a constant one keeps values byte-identical between runs
-_RECORD_START = b"\x80\x02(X\x07\x00\x00\x00storageq\x00ctorch\n"
 
 
 class LMDBValueError(ValueError):
@@ -105,122 +105,55 @@ def dumps_value(value: Any) -> bytes:
 # ---------------------------------------------------------------- exact layouts, parsed by position
 
 _INT_OPCODES = {ord("K"): "<B", ord("M"): "<H", ord("J"): "<i"}
-_FRAME, _MEMOIZE, _STOP = 0x95, 0x94, ord(".")
+_FRAME, _STOP = 0x95, ord(".")
+_INT = rb"(?:K(.)|M(..)|J(.{4}))"  # BININT1 / BININT2 / BININT
+_STORAGE_LAYOUT = re.compile(  # the storage record and key list exactly as torch writes them (after the header)
+    rb"\x80\x02\(X\x07\x00\x00\x00storageq\x00ctorch\n(\w{1,20})\nq\x01X(.{4})(\d{1,20})q\x02"
+    rb"X\x03\x00\x00\x00cpuq\x03" + _INT + rb"Ntq\x04Q\.\x80\x02\]q\x00X(.{4})(\d{1,20})q\x01a\.(.{8})", re.DOTALL)
+_VECTOR_HEAD = re.compile(  # pickle.dumps(1-D tensor), protocol 4/5, up to the storage blob (M: optional MEMOIZE)
+    rb"\x80[\x04\x05](?:\x95(.{8}))?\x8c\x0ctorch\._utils\x94?\x8c\x12_rebuild_tensor_v2\x94?\x93\x94?\("
+    rb"\x8c\x0dtorch\.storage\x94?\x8c\x10_load_from_bytes\x94?\x93\x94?(?:B(.{4})|C(.))", re.DOTALL)
+_VECTOR_TAIL = re.compile(  # storage REDUCE, offset 0, (size,), (1,), False, OrderedDict(), REDUCE, STOP
+    rb"\x94?\x85\x94?R\x94?K\x00" + _INT + rb"\x85\x94?K\x01\x85\x94?\x89\x8c\x0bcollections\x94?"
+    rb"\x8c\x0bOrderedDict\x94?\x93\x94?\)R\x94?t\x94?R\x94?\.", re.DOTALL)
+
+
+def _int(groups: tuple[bytes | None, ...]) -> int:
+    """The value of the _INT alternative that matched."""
+    one, two, four = groups
+    return one[0] if one is not None else struct.unpack("<H", two)[0] if two is not None else \
+        struct.unpack("<i", four)[0]
 
 
 def _parse_storage(blob: bytes) -> np.ndarray | None:
     """A legacy storage blob exactly as torch writes it -> 1-D array viewing `blob`; None if anything differs."""
-    pos = len(_LEGACY_HEADER)
-    if not blob.startswith(_LEGACY_HEADER) or not blob.startswith(_RECORD_START, pos):
+    if not blob.startswith(_LEGACY_HEADER):
         return None
-    pos += len(_RECORD_START)
-    name_end = blob.find(b"\n", pos, pos + 32)
-    dtype = _STORAGE_DTYPES.get(blob[pos:name_end].decode("ascii", "replace")) if name_end > 0 else None
-    if dtype is None or blob[name_end:name_end + 4] != b"\nq\x01X" or len(blob) < name_end + 8:
+    m = _STORAGE_LAYOUT.match(blob, len(_LEGACY_HEADER))
+    if m is None or m.group(1).decode() not in _STORAGE_DTYPES or m.group(3) != m.group(8):
         return None
-    pos = name_end + 4
-    (key_len,) = struct.unpack_from("<I", blob, pos)
-    key = blob[pos + 4:pos + 4 + key_len]
-    pos += 4 + key_len
-    location = b"q\x02X\x03\x00\x00\x00cpuq\x03"
-    if not blob.startswith(location, pos) or len(blob) < pos + len(location) + 5:
+    key_len, keys_len = struct.unpack("<I", m.group(2))[0], struct.unpack("<I", m.group(7))[0]
+    numel, count = _int(m.group(4, 5, 6)), struct.unpack("<q", m.group(9))[0]
+    dtype = np.dtype(_STORAGE_DTYPES[m.group(1).decode()])
+    if key_len != len(m.group(3)) or keys_len != key_len or count != numel or \
+            len(blob) != m.end() + numel * dtype.itemsize:
         return None
-    pos += len(location)
-    if blob[pos] not in _INT_OPCODES:
-        return None
-    fmt = _INT_OPCODES[blob[pos]]
-    (numel,) = struct.unpack_from(fmt, blob, pos + 1)
-    pos += 1 + struct.calcsize(fmt)
-    keys = b"Ntq\x04Q.\x80\x02]q\x00X" + struct.pack("<I", key_len) + key + b"q\x01a."
-    if not blob.startswith(keys, pos):
-        return None
-    pos += len(keys)
-    dtype = np.dtype(dtype)
-    if len(blob) < pos + 8 or struct.unpack_from("<q", blob, pos)[0] != numel or \
-            len(blob) != pos + 8 + numel * dtype.itemsize:
-        return None
-    return np.frombuffer(blob, dtype, numel, pos + 8)
-
-
-def _short_str(name: str) -> bytes:
-    return bytes([len(name)]) + name.encode()
-
-
-_REBUILD = b"\x8c" + _short_str("torch._utils") + b"\x94?\x8c" + _short_str("_rebuild_tensor_v2")
-_LOAD_FROM_BYTES = b"\x8c" + _short_str("torch.storage") + b"\x94?\x8c" + _short_str("_load_from_bytes")
-
-
-def _skip_memo(data: bytes, pos: int) -> int:
-    return pos + 1 if pos < len(data) and data[pos] == _MEMOIZE else pos
-
-
-def _expect(data: bytes, pos: int, token: bytes) -> int:
-    """Position after `token` (MEMOIZE opcodes after it skipped), or -1 if `token` is not at `pos`."""
-    if not data.startswith(token, pos):
-        return -1
-    return _skip_memo(data, pos + len(token))
-
-
-def _expect_str(data: bytes, pos: int, name: str) -> int:
-    return _expect(data, pos, b"\x8c" + _short_str(name)) if pos >= 0 else -1
-
-
-def _read_small_int(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, next position) of a BININT1 / BININT2 / BININT at `pos`; (-1, -1) for anything else."""
-    if pos < 0 or pos >= len(data) or data[pos] not in _INT_OPCODES:
-        return -1, -1
-    fmt = _INT_OPCODES[data[pos]]
-    end = pos + 1 + struct.calcsize(fmt)
-    if end > len(data):
-        return -1, -1
-    return struct.unpack_from(fmt, data, pos + 1)[0], _skip_memo(data, end)
+    return np.frombuffer(blob, dtype, numel, m.end())
 
 
 def _parse_vector(data: bytes) -> np.ndarray | None:
     """A pickled 1-D contiguous tensor (every tensor GR1's LMDB holds) laid out as Python's protocol 4/5 pickler
     writes torch's reduction of it, in one frame; None for anything else."""
-    if len(data) < 64 or data[0] != 0x80 or data[1] not in (4, 5):
+    head = _VECTOR_HEAD.match(data)
+    if head is None or (head.group(1) is not None and struct.unpack("<Q", head.group(1))[0] != len(data) - 11):
         return None
-    pos = 2
-    if data[pos] == _FRAME:
-        if len(data) - 11 != struct.unpack_from("<Q", data, 3)[0]:
-            return None
-        pos = 11
-    pos = _expect_str(data, pos, "torch._utils")
-    pos = _expect_str(data, pos, "_rebuild_tensor_v2")
-    pos = _expect(data, pos, b"\x93") if pos >= 0 else -1  # STACK_GLOBAL
-    pos = _expect(data, pos, b"(") if pos >= 0 else -1
-    pos = _expect_str(data, pos, "torch.storage")
-    pos = _expect_str(data, pos, "_load_from_bytes")
-    pos = _expect(data, pos, b"\x93") if pos >= 0 else -1
-    if pos < 0 or pos + 2 > len(data):
+    length = struct.unpack("<I", head.group(2))[0] if head.group(2) is not None else head.group(3)[0]
+    end = head.end() + length
+    tail = _VECTOR_TAIL.fullmatch(data, end)
+    if tail is None:
         return None
-    if data[pos] == ord("B") and pos + 5 <= len(data):  # BINBYTES
-        (length,) = struct.unpack_from("<I", data, pos + 1)
-        start = pos + 5
-    elif data[pos] == ord("C"):  # SHORT_BINBYTES
-        length, start = data[pos + 1], pos + 2
-    else:
-        return None
-    end = start + length
-    pos = _expect(data, _skip_memo(data, end), b"\x85")  # TUPLE1
-    pos = _expect(data, pos, b"R") if pos >= 0 else -1  # REDUCE: the storage
-    offset, pos = _read_small_int(data, pos)
-    size, pos = _read_small_int(data, pos)
-    pos = _expect(data, pos, b"\x85") if pos >= 0 else -1
-    stride, pos = _read_small_int(data, pos)
-    pos = _expect(data, pos, b"\x85") if pos >= 0 else -1
-    if offset != 0 or stride != 1 or pos < 0 or not data.startswith(b"\x89", pos):
-        return None
-    pos = _expect(data, pos, b"\x89")  # requires_grad False
-    pos = _expect_str(data, pos, "collections")
-    pos = _expect_str(data, pos, "OrderedDict")
-    for token in (b"\x93", b")", b"R", b"t", b"R"):  # OrderedDict(), TUPLE, REDUCE
-        pos = _expect(data, pos, token) if pos >= 0 else -1
-    if pos != len(data) - 1 or data[pos] != _STOP:
-        return None
-    storage = _parse_storage(data[start:end])
-    return storage if storage is not None and storage.size == size else None
+    storage = _parse_storage(data[head.end():end])
+    return storage if storage is not None and storage.size == _int(tail.group(1, 2, 3)) else None
 
 
 def _parse_plain(data: bytes) -> tuple[bool, Any]:

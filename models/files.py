@@ -41,7 +41,10 @@ class CheckpointError(RuntimeError):
 # Numpy scalars (e.g. an epoch or loss counter saved as np.int64) pickle as numpy's `scalar` function of a dtype
 # whose class must be allowed to be built; numpy 1.x files name the function numpy.core.multiarray.scalar, numpy 2.x
 # numpy._core.multiarray.scalar.
-_NUMPY_SCALAR = getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar
+try:
+    from numpy._core.multiarray import scalar as _NUMPY_SCALAR
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import scalar as _NUMPY_SCALAR
 _NUMPY_SCALARS = [(_NUMPY_SCALAR, "numpy.core.multiarray.scalar"), (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"),
                   np.dtype, *sorted({type(np.dtype(c)) for c in "?bhilqBHILQefd"}, key=str)]
 

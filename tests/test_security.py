@@ -232,3 +232,16 @@ def test_crafted_torchscript_archive_runs_no_code(clip_archives, tmp_path):
         build_encoders(_tiny(clip_ckpt=evil))
     _one_line(error.value, "evil.pt", "posix.system")
     assert not marker.exists()
+
+
+def test_extra_globals_are_allowed_per_file_kind_only(tmp_path):
+    """A Bytedance-era snapshot may hold numpy scalar counters and the run's argparse.Namespace: allowed for that
+    kind of file (by name, models/files.py SAFE_GLOBALS), refused for our checkpoints."""
+    import argparse
+
+    import numpy as np
+    path = str(tmp_path / "snapshot.pt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": np.int64(3), "args": argparse.Namespace(lr=1e-3)}, path)
+    assert load_file(path, "bytedance")["epoch"] == 3
+    with pytest.raises(CheckpointError, match="numpy"):
+        load_file(path)
