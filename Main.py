@@ -22,7 +22,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError, add_config_arguments, config_from_args, save_config
-from data.loader import DevicePrefetcher, EpochSampler, batches_per_epoch, make_loader
+from data.loader import DevicePrefetcher, batches_per_epoch, make_loader
 from models.build import CheckpointError, build_model, policy_state_dict, save_checkpoint
 from processes import INTERRUPTED_EXIT_CODE, StopSignals, die_with_launcher
 from training import (
@@ -37,18 +37,16 @@ from training import (
     make_optimizer,
     mean_losses,
     nonfinite,
-    nonfinite_message,
-    window_starts,
+    nonfinite_report,
 )
 from training_state import (
-    SavedState,
     TrainState,
-    find_training_state,
     lmdb_fingerprint,
-    read_training_state,
+    load_saved_weights,
+    restore_state,
+    resume_point,
     run_record,
     save_training_state,
-    set_rng_state,
 )
 
 USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, OSError)  # reported in one line, exit code 2
@@ -86,15 +84,14 @@ class Trainer:
         self.preprocessor = ImagePreprocessor(cfg, self.device)
         self.state = TrainState()
         self.fingerprint = lmdb_fingerprint(self.train_set.index.episode_of_step, self.train_set.index.info)
-        saved = self._read_saved_state() if cfg.resume else None
+        saved, notes = resume_point(cfg, acc.num_processes, acc.process_index, self.fingerprint)
+        for note in notes:
+            acc.print(note, file=sys.stderr)
         self.encoders, gr1, report = build_model(cfg, self.device, weights=None if saved else "default")
         if report:
             acc.print(report)
         if saved:
-            try:
-                gr1.load_state_dict(saved.model, strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(f"{saved.path}/model.pt does not fit the model ({error_line(e)[:300]})") from None
+            load_saved_weights(gr1, saved)
         gr1.train()
         self.gr1 = torch.compile(gr1) if cfg.compile_model else gr1
         optimizer = make_optimizer(self.gr1, cfg, self.device)
@@ -103,7 +100,9 @@ class Trainer:
         self.bad_batch: int | None = None  # first batch of the current accumulation group with a non-finite loss
         self.stop_agreed = False  # the processes agreed to stop (a signal) after the current step
         if saved:
-            self._restore(saved)
+            self.state = restore_state(saved, self.optimizer, self.scheduler, acc.scaler)
+            acc.print(f"resumed from {saved.path}: epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
+                      f"update {self.state.update}")
         self.val_iter = self._cycle_val()
         self.writer = None
         if acc.is_main_process:
@@ -111,39 +110,6 @@ class Trainer:
             save_config(cfg, os.path.join(cfg.save_path, "config.json"))
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(cfg.save_path, "logs"))
-
-    def _read_saved_state(self) -> SavedState | None:
-        """resume=true: the saved state, checked to belong to this run (else a one-line error); None, with a
-        warning, if there is none yet (the run starts afresh)."""
-        cfg, acc = self.cfg, self.acc
-        path = find_training_state(cfg.save_path)
-        if path is None:
-            acc.print(f"warning: resume=true but {os.path.join(cfg.save_path, 'state')} holds no saved training "
-                      "state: starting a new run", file=sys.stderr)
-            return None
-        saved, changed = read_training_state(path, cfg, acc.num_processes, acc.process_index, self.fingerprint)
-        if changed:
-            acc.print(f"warning: resuming with other {', '.join(changed)} than the saved run: the results will "
-                      "differ from an uninterrupted run", file=sys.stderr)
-        if cfg.ckpt_path or cfg.load_bytedance_ckpt or cfg.load_epoch:
-            acc.print("note: resuming the saved training state; ckpt_path / load_bytedance_ckpt / load_epoch are not "
-                      "loaded", file=sys.stderr)
-        return saved
-
-    def _restore(self, saved: SavedState) -> None:
-        """Optimiser, scheduler, gradient scaler, loop position and every generator as they were saved."""
-        try:
-            self.optimizer.load_state_dict(saved.optimizer)
-            self.scheduler.load_state_dict(saved.run["scheduler"])
-            if self.acc.scaler is not None and saved.run.get("scaler"):
-                self.acc.scaler.load_state_dict(saved.run["scaler"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{saved.path}: the optimiser or scheduler state does not fit ({error_line(e)})"
-                                  ) from None
-        self.state = saved.train
-        set_rng_state(saved.rng_tensors, saved.rng_values)
-        self.acc.print(f"resumed from {saved.path}: epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
-                       f"update {self.state.update}")
 
     def _lr_factor(self, update: int) -> float:
         return lr_factor(update, self.cfg, self.updates_per_epoch, self.n_batches, self.acc.num_processes,
@@ -166,21 +132,13 @@ class Trainer:
         if sync or self.acc.num_processes == 1:
             stop, bad = agree(self.acc, stop_requested and sync, self.bad_batch)
             if bad:
-                raise NonFiniteLossError(self._nonfinite_message(bad))
+                raise NonFiniteLossError(nonfinite_report(bad, self.train_set, self.cfg, self.state.epoch,
+                                                          self.state.update, self.acc.num_processes))
         if sync:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return values, stop
-
-    def _nonfinite_message(self, bad: dict[int, int]) -> str:
-        cfg, st, acc = self.cfg, self.state, self.acc
-        windows = {}
-        for rank, batch in bad.items():  # any process's batch, from the sampler's pure order
-            order = EpochSampler(len(self.train_set), cfg.seed, rank, acc.num_processes).epoch_indices(st.epoch)
-            windows[rank] = (batch, window_starts(order, self.train_set.first_step, batch, cfg.bs_per_gpu))
-        return nonfinite_message(windows, st.epoch, st.update, self.train_set.index.path,
-                                 cfg.seq_len + cfg.chunk_size - 1)
 
     @torch.no_grad()
     def val_batch(self, batch: dict) -> dict[str, float]:

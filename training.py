@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from config import Config, ConfigError
+from data.loader import EpochSampler
 from models.encoders import FrozenEncoders
 from models.gr1 import Keep
 from models.losses import LOSS_NAMES, gr1_losses
@@ -124,6 +125,16 @@ def window_starts(epoch_indices: list[int], first_step: int, batch: int, batch_s
     """LMDB steps at which the windows of batch `batch` of an epoch start (the sampler's order is a pure function of
     seed, epoch, rank and world, so any process can name any process's batch)."""
     return [first_step + i for i in epoch_indices[batch * batch_size:(batch + 1) * batch_size]]
+
+
+def nonfinite_report(bad: dict[int, int], dataset, cfg: Config, epoch: int, update: int, world: int) -> str:
+    """nonfinite_message for {rank: batch} of the training `dataset` (an LMDBDataset): every process's batch is named
+    from the sampler's order."""
+    windows = {}
+    for rank, batch in bad.items():
+        order = EpochSampler(len(dataset), cfg.seed, rank, world).epoch_indices(epoch)
+        windows[rank] = (batch, window_starts(order, dataset.first_step, batch, cfg.bs_per_gpu))
+    return nonfinite_message(windows, epoch, update, dataset.index.path, cfg.seq_len + cfg.chunk_size - 1)
 
 
 def nonfinite_message(bad: dict[int, tuple[int, list[int]]], epoch: int, update: int, lmdb_path: str,

@@ -215,3 +215,45 @@ def read_training_state(path: str, cfg: Config, num_processes: int, rank: int, f
             not {"torch"} <= set(saved.rng_tensors) or not {"python", "numpy"} <= set(rng_values):
         raise CheckpointError(f"{path}: the random generator state of process {rank} is incomplete")
     return saved, changed
+
+
+def resume_point(cfg: Config, num_processes: int, rank: int, fingerprint: str
+                 ) -> tuple[SavedState | None, list[str]]:
+    """(the saved state to resume, one-line notes to print). None without resume=true, and with a warning if there
+    is no saved state yet (the run starts afresh); a state of another run is refused (check_resumable)."""
+    if not cfg.resume:
+        return None, []
+    path = find_training_state(cfg.save_path)
+    if path is None:
+        return None, [f"warning: resume=true but {os.path.join(cfg.save_path, STATE_DIR)} holds no saved training "
+                      "state: starting a new run"]
+    saved, changed = read_training_state(path, cfg, num_processes, rank, fingerprint)
+    notes = []
+    if changed:
+        notes.append(f"warning: resuming with other {', '.join(changed)} than the saved run: the results will differ "
+                     "from an uninterrupted run")
+    if cfg.ckpt_path or cfg.load_bytedance_ckpt or cfg.load_epoch:
+        notes.append("note: resuming the saved training state; ckpt_path / load_bytedance_ckpt / load_epoch are not "
+                     "loaded")
+    return saved, notes
+
+
+def load_saved_weights(model: torch.nn.Module, saved: SavedState) -> None:
+    try:
+        model.load_state_dict(saved.model, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{saved.path}/model.pt does not fit the model ({str(e).splitlines()[0][:300]})"
+                              ) from None
+
+
+def restore_state(saved: SavedState, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> TrainState:
+    """Optimiser, scheduler, gradient scaler and this process's generators as they were saved; the loop position."""
+    try:
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.run["scheduler"])
+        if scaler is not None and saved.run.get("scaler"):
+            scaler.load_state_dict(saved.run["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{saved.path}: the optimiser or scheduler state does not fit ({e})") from None
+    set_rng_state(saved.rng_tensors, saved.rng_values)
+    return saved.train
