@@ -7,7 +7,7 @@
   launcher (even with SIGKILL, which it cannot handle) leaves no worker behind.
 - :class:`StopSignals` turns SIGINT and SIGTERM into a request that the training loop answers at its next optimiser
   step (the state is saved, then the run exits with 130, as for Ctrl-C); a second Ctrl-C interrupts at once.
-  Worker processes ignore both (:func:`worker_init`): they end with their parent.
+  DataLoader workers ignore both (:func:`worker_init`) and end with their process.
   :func:`sigterm_as_keyboard_interrupt` makes SIGTERM raise KeyboardInterrupt, for code that already stops cleanly on
   Ctrl-C (the converter).
 """
@@ -73,12 +73,19 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
 
 
 def worker_init(parent: int, *unused: object) -> None:
-    """Start of a worker process (the converter's pool initializer; DataLoader's worker_init_fn, bound to the loader's
-    process with functools.partial): it dies with `parent`, and leaves SIGINT and SIGTERM to it. A signal sent to
-    the whole process group (Ctrl-C, torchrun stopping its workers, a job scheduler) then stops the parent cleanly
-    instead of killing its workers under it; the parent ends them as it exits."""
+    """DataLoader worker_init_fn (bound to the loader's process with functools.partial): the worker dies with
+    `parent` and leaves SIGINT and SIGTERM to it. A signal sent to the whole process group (Ctrl-C, torchrun stopping
+    its workers, a job scheduler) then stops the training process cleanly instead of killing its workers under it;
+    the training process ends them as it exits (end_workers_at_exit)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent)
+
+
+def pool_worker_init(parent: int) -> None:
+    """ProcessPoolExecutor initializer: the worker dies with `parent` and leaves Ctrl-C to it (it finishes its task
+    while the parent stops). SIGTERM keeps its default: the pool ends broken workers with it and then waits for them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent)
 
 

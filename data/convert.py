@@ -20,6 +20,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -29,7 +30,7 @@ import numpy as np
 from config import Config
 from data import calvin_format as cf
 from data.codec import dumps_value
-from processes import worker_init
+from processes import pool_worker_init
 
 INFO_VERSION = 1
 WRITER = "GR1 calvin2lmdb"
@@ -231,8 +232,8 @@ def _ordered_results(tasks: list[tuple], workers: int) -> Iterator[list[tuple[by
         for task in tasks:
             yield _encode_task(task)
         return
-    # Workers die with this process, even if it is killed with SIGKILL, and leave signals to it (processes.py).
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=worker_init,
+    # Workers die with this process, even if it is killed with SIGKILL, and leave Ctrl-C to it (processes.py).
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=pool_worker_init,
                              initargs=(os.getpid(),)) as pool:
         pending: deque[Future] = deque()
         todo = iter(tasks)
@@ -273,6 +274,9 @@ def convert(input_dir: str, output_dir: str, workers: int = 1, commit_every: int
     env = open_output(output_dir, map_size)
     try:
         return _convert(env, plan, output_dir, workers, commit_every, embedder, progress, max_segments)
+    except BrokenProcessPool:
+        raise ConversionError("a worker process died (killed, or out of memory?); committed segments are kept: run "
+                              "the same command again to continue") from None
     except lmdb.MapFullError:
         raise ConversionError(f"{output_dir}: the LMDB reached its map size ({map_size / 2**30:g} GiB): re-run with "
                               "a larger --map_size_gb; committed segments are kept") from None
