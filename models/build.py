@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from config import Config, expand_path
+from config import Config, adopt_checkpoint_config, expand_path
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
 from models.layers import Attention
@@ -88,7 +88,9 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: str, what
         raise CheckpointError(f"{path} does not fit the {what}:" + (listing("missing", missing) if missing else "")
                               + (listing("unexpected", unexpected) if unexpected else "")
                               + (listing("shape mismatch", shapes) if shapes else "")
-                              + "\n  Check that the config (embed_dim, n_layer, chunk_size, ...) matches the file.")
+                              + "\n  Check that the config (embed_dim, n_layer, chunk_size, ...) matches the file "
+                              "(GR1-Training's and Bytedance's checkpoints record no config: their shapes come from "
+                              "the config file).")
     module.load_state_dict(sd, strict=True)
 
 
@@ -242,6 +244,20 @@ def default_weights_path(cfg: Config, for_eval: bool = False) -> str | None:
         return cfg.bytedance_ckpt_path
     path = os.path.join(cfg.save_path, f"GR1_{cfg.load_epoch}.pth")
     return path if os.path.isfile(path) else None
+
+
+def saved_config(path: str) -> dict | None:
+    """The config a checkpoint of this project records (None for GR1-Training's and Bytedance's, which record none)."""
+    raw = load_file(path)
+    saved = raw.get("config") if isinstance(raw, dict) else None
+    return saved if isinstance(saved, dict) else None
+
+
+def config_for_checkpoint(cfg: Config, path: str, explicit: frozenset[str] = frozenset()) -> Config:
+    """cfg with the architecture a checkpoint was trained with, so that the model can be rebuilt from the file alone
+    (config.adopt_checkpoint_config). Files without a config (GR1-Training, Bytedance) keep cfg's values."""
+    saved = saved_config(path)
+    return cfg if saved is None else adopt_checkpoint_config(cfg, saved, explicit, path)
 
 
 def load_policy_weights(gr1: GR1, encoders: FrozenEncoders | None, path: str, cfg: Config) -> LoadReport:
