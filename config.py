@@ -113,6 +113,10 @@ class Config:
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # skip the sequences before this position (evaluate a tail of the list)
     exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
+    load_grmg_ckpt: bool = False  # start from GR-MG's Ego4D-pretrained GR-1 (grmg_ckpt_path), converted strictly
+    grmg_ckpt_path: str = "./pretrained.pt"  # GR-MG's pretrained.pt (or another GR-MG policy checkpoint)
+    grmg_init_gripper_from_static: bool = False  # gripper-camera embeddings / observation queries a GR-MG file lacks
+    #                                              start as copies of its static camera's (else: random init)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) that load_config reads back to an equal Config."""
@@ -238,6 +242,10 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail(f"'test_chunk_size' ({cfg.test_chunk_size}) cannot exceed 'chunk_size' ({cfg.chunk_size})")
     if cfg.skip_frame >= cfg.seq_len:
         fail(f"'skip_frame' ({cfg.skip_frame}) must be smaller than 'seq_len' ({cfg.seq_len})")
+    if cfg.load_grmg_ckpt and cfg.load_bytedance_ckpt:
+        fail("'load_grmg_ckpt' and 'load_bytedance_ckpt' are both true: choose one starting checkpoint")
+    if cfg.load_grmg_ckpt and not cfg.grmg_ckpt_path:
+        fail("'load_grmg_ckpt' is true but 'grmg_ckpt_path' is empty: set it to GR-MG's pretrained.pt")
     if not 0.0 < cfg.train_ratio < 1.0:
         fail(f"'train_ratio' must be in (0, 1), got {cfg.train_ratio}")
     if not 0.0 <= cfg.dropout < 1.0:
