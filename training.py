@@ -1,7 +1,7 @@
 """Training pieces used by Main.py: optimiser, learning-rate schedule, one training / validation step, the resumable
 training state and checkpoint files. Main.py wires them together; nothing here parses arguments.
 
-Shape key: B batch, T window, K action chunk.
+Shape key: B batch, T window, K action chunk, G frame groups, U frames per group (T + largest group - 1).
 """
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from config import Config
+from data.lmdb_dataset import SHARES_PREVIOUS
 from models.encoders import FrozenEncoders
 from models.gr1 import Keep
 from models.losses import LOSS_NAMES, gr1_losses
@@ -23,11 +25,15 @@ STATE_DIR = "state"  # save_path/state: the full training state of the last save
 
 # ---------------------------------------------------------------- optimiser and schedule
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # devices with a fused AdamW kernel in every torch this project supports
+
+
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (fused on CUDA). Weight decay applies to every trainable tensor, as in
-    GR1-Training."""
+    """AdamW over the trainable parameters, fused (one kernel pass over all tensors) where the device has it, as
+    GR1-Training's fused=True. Weight decay applies to every trainable tensor, as in GR1-Training."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr_max, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr_max, weight_decay=cfg.weight_decay,
+                             fused=torch.device(device).type in FUSED_ADAMW_DEVICES)
 
 
 def cosine_with_warmup(step: float, warmup: float, total: float) -> float:
@@ -63,16 +69,69 @@ def batch_images(preprocessor, batch: dict, train: bool) -> dict[str, torch.Tens
     return {"static": static, "gripper": gripper}
 
 
+@dataclass(frozen=True)
+class FrameGroups:
+    """Where the frames of a frame-sharing batch come from and go to. A group of n windows (consecutive windows of
+    one segment, SHARES_PREVIOUS) holds T + n - 1 distinct frames; groups are padded to U frames."""
+
+    source: torch.Tensor  # (G, U) long: flat (B T) index of a window frame equal to frame u of group g
+    in_group: torch.Tensor  # (G, U) bool: frame u is one of group g's frames (not padding)
+    window_frames: torch.Tensor  # (B, T) long: flat (G U) index of window b's frame t
+
+
+def frame_groups(shares_previous: torch.Tensor, T: int, device: torch.device) -> FrameGroups:
+    """The layout of a batch from SHARES_PREVIOUS (bool (B,), on the host: no device synchronisation)."""
+    shares = shares_previous.cpu().numpy().astype(bool)
+    shares[0] = False  # a batch starts a group (a group cut by the batch border is shared by fewer windows)
+    starts = np.flatnonzero(~shares)  # (G,) first window of each group
+    sizes = np.diff(np.r_[starts, len(shares)])  # (G,) windows per group
+    G, U = len(starts), T + int(sizes.max()) - 1
+    group = np.repeat(np.arange(G), sizes)  # (B,)
+    offset = np.arange(len(shares)) - starts[group]  # (B,) position of the window in its group
+    u = np.arange(U)[None]  # (1, U)
+    window = np.clip(u - T + 1, 0, sizes[:, None] - 1)  # (G, U) a window of the group that holds frame u
+    source = (starts[:, None] + window) * T + np.minimum(u - window, T - 1)
+    window_frames = (group * U + offset)[:, None] + np.arange(T)[None]  # (B, T)
+    tensors = [torch.from_numpy(a) for a in (source, u < T + sizes[:, None] - 1, window_frames)]
+    if torch.device(device).type == "cuda":  # pinned, so that the copies do not wait for the device
+        tensors = [t.pin_memory() for t in tensors]
+    return FrameGroups(*(t.to(device, non_blocking=True) for t in tensors))
+
+
+def predict_batch(model: nn.Module, encoders: FrozenEncoders, preprocessor, batch: dict, cfg: Config, train: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Preprocess, encode (frozen, no grad) and predict one batch -> (GR1 outputs, the preprocessed images of every
+    window (B, T, 3, S, S), the pixel targets). Work whose result no loss uses is left out: padded frames are not
+    encoded and the last skip_frame steps are not decoded into frames.
+
+    With SHARES_PREVIOUS in the batch (frame_sharing > 1), each group's distinct frames are preprocessed with one
+    random shift per group, encoded by the MAE and the resampler once, and every window takes its frames' tokens
+    and images from them: each window gets what it would get alone with the group's shift.
+    """
+    frame_mask = batch["mask"][..., 0]  # (B, T) valid frames
+    keep = Keep(frame_steps=list(range(cfg.seq_len - cfg.skip_frame)))
+    if SHARES_PREVIOUS not in batch:
+        images = batch_images(preprocessor, batch, train)
+        features = encoders.encode_frames(images, frame_mask)
+        lang = encoders.encode_text(batch["inst_token"])
+        return model(lang, batch["arm_state"], batch["gripper_state"], features, frame_mask, keep), images
+    groups = frame_groups(batch[SHARES_PREVIOUS], cfg.seq_len, frame_mask.device)
+    raw = {k: batch[k].flatten(0, 1)[groups.source] for k in ("rgb_static", "rgb_gripper")}  # (G, U, 3, H, W)
+    group_images = batch_images(preprocessor, raw, train)  # (G, U, 3, S, S); one random shift per group
+    group_mask = frame_mask.flatten()[groups.source] * groups.in_group  # (G, U)
+    features = {cam: (cls.flatten(0, 1), patches.flatten(0, 1))  # (G U, F), (G U, P, F)
+                for cam, (cls, patches) in encoders.encode_frames(group_images, group_mask).items()}
+    lang = encoders.encode_text(batch["inst_token"])
+    out = model(lang, batch["arm_state"], batch["gripper_state"], features, frame_mask, keep,
+                frame_index=groups.window_frames)
+    images = {cam: x.flatten(0, 1)[groups.window_frames] for cam, x in group_images.items()}  # (B, T, 3, S, S)
+    return out, images
+
+
 def compute_losses(model: nn.Module, encoders: FrozenEncoders, preprocessor, batch: dict, cfg: Config,
                    train: bool) -> dict[str, torch.Tensor]:
-    """Preprocess, encode (frozen, no grad), predict and score one batch. Work whose result no loss uses is left
-    out: padded frames are not encoded and the last skip_frame steps are not decoded into frames."""
-    images = batch_images(preprocessor, batch, train)
-    frame_mask = batch["mask"][..., 0]  # (B, T) valid frames
-    features = encoders.encode_frames(images, frame_mask)
-    lang = encoders.encode_text(batch["inst_token"])
-    keep = Keep(frame_steps=list(range(cfg.seq_len - cfg.skip_frame)))
-    out = model(lang, batch["arm_state"], batch["gripper_state"], features, frame_mask, keep)
+    """The four losses and their total for one batch (predict_batch, then models/losses.py)."""
+    out, images = predict_batch(model, encoders, preprocessor, batch, cfg, train)
     return gr1_losses(out, images, batch["actions"], batch["mask"], cfg.skip_frame, cfg.patch_size,
                       not cfg.without_norm_pixel_loss, cfg.arm_loss_ratio)
 
