@@ -18,8 +18,10 @@ installed are given by stand-in modules created in sys.modules here (listed by t
 - pkg_resources (setuptools >= 81 has none): only `packaging`, which clip.py imports from it.
 - calvin_agent.models.calvin_base_model.CalvinBaseModel: the evaluator's base class, an interface without code.
 
-Their packages `models`, `evaluation` and `utils` share names with ours: they are imported with our project root off
-sys.path and then kept under sys.modules['gr1_training.<name>'], and ours are put back.
+The stand-ins are in sys.modules only while the reference is imported (its modules keep the names they imported), so
+that other libraries' probes for torchvision still find none. The reference's packages `models`, `evaluation` and
+`utils` share names with ours: they are imported with our project root off sys.path and then kept under
+sys.modules['gr1_training.<name>'], and ours are put back.
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ def _module(name: str, **attrs) -> types.ModuleType:
 
 
 def install_stand_ins() -> list[str]:
-    """Stand-ins for the missing modules the reference imports; returns the names created."""
+    """Stand-ins in sys.modules for the missing modules the reference imports; returns the names created."""
+    import transformers  # noqa: F401  (it probes for torchvision when imported: before any stand-in exists)
     created = []
     if importlib.util.find_spec("torchvision") is None:
         transforms = _module("torchvision.transforms", Compose=_not_used, Resize=_not_used, CenterCrop=_not_used,
@@ -169,6 +172,8 @@ def import_reference(path: str) -> Reference:
         for k in [k for k in sys.modules if k.split(".")[0] in _SHARED_NAMES]:
             sys.modules[f"gr1_training.{k}"] = sys.modules.pop(k)
         sys.modules.update(ours)
+        for k in [k for k in sys.modules if k.split(".")[0] in stand_ins]:
+            del sys.modules[k]  # the reference keeps what it imported; other libraries' probes find nothing
     return Reference(path, loaded["models.gr1"], loaded["models.vision_transformer"], loaded["PreProcess"],
                      loaded["LMDBDataset_jpeg"], loaded["Main"], loaded["evaluation.calvin_evaluation"], clip,
                      stand_ins)
