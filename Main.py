@@ -26,6 +26,7 @@ from models.build import CheckpointError, build_model, save_checkpoint
 from training import (
     TrainState,
     compute_losses,
+    detached,
     empty_totals,
     find_training_state,
     lr_factor,
@@ -93,7 +94,7 @@ class Trainer:
                          len(self.train_set))
 
     # ---- one optimiser step's worth of batches ----
-    def train_batch(self, batch: dict, sync: bool, group: int) -> dict[str, float]:
+    def train_batch(self, batch: dict, sync: bool, group: int) -> dict[str, torch.Tensor]:
         """Forward/backward one batch; the optimiser steps when `sync` (the last batch of an accumulation group of
         `group` batches, whose gradients are averaged)."""
         no_sync = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
@@ -104,15 +105,15 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return {k: v.item() for k, v in losses.items()}
+        return detached(losses)  # summed on the device, read once per log line
 
     @torch.no_grad()
-    def val_batch(self, batch: dict) -> dict[str, float]:
+    def val_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         self.model.eval()
         with self.acc.autocast():
             losses = compute_losses(self.model, self.encoders, self.preprocessor, batch, self.cfg, train=False)
         self.model.train()
-        return {k: v.item() for k, v in losses.items()}
+        return detached(losses)  # summed on the device, read once per log line
 
     # ---- logging ----
     def log(self, train: dict[str, float], val: dict[str, float] | None, n: int, seconds: float,

@@ -16,6 +16,7 @@ from torch import nn
 
 from config import Config
 from data.lmdb_dataset import SHARES_PREVIOUS
+from data.loader import HOST_FRAME_MASK
 from models.encoders import FrozenEncoders
 from models.gr1 import Keep
 from models.losses import LOSS_NAMES, gr1_losses
@@ -78,9 +79,15 @@ class FrameGroups:
     in_group: torch.Tensor  # (G, U) bool: frame u is one of group g's frames (not padding)
     window_frames: torch.Tensor  # (B, T) long: flat (G U) index of window b's frame t
 
+    def to(self, device: torch.device) -> FrameGroups:
+        """Copies on `device` (from pinned memory on CUDA: the copies do not wait for the device)."""
+        pinned = torch.device(device).type == "cuda"
+        return FrameGroups(*((t.pin_memory() if pinned else t).to(device, non_blocking=True)
+                             for t in (self.source, self.in_group, self.window_frames)))
 
-def frame_groups(shares_previous: torch.Tensor, T: int, device: torch.device) -> FrameGroups:
-    """The layout of a batch from SHARES_PREVIOUS (bool (B,), on the host: no device synchronisation)."""
+
+def frame_groups(shares_previous: torch.Tensor, T: int) -> FrameGroups:
+    """The layout of a batch (on the host) from SHARES_PREVIOUS (bool (B,), kept on the host by DevicePrefetcher)."""
     shares = shares_previous.cpu().numpy().astype(bool)
     shares[0] = False  # a batch starts a group (a group cut by the batch border is shared by fewer windows)
     starts = np.flatnonzero(~shares)  # (G,) first window of each group
@@ -92,10 +99,7 @@ def frame_groups(shares_previous: torch.Tensor, T: int, device: torch.device) ->
     window = np.clip(u - T + 1, 0, sizes[:, None] - 1)  # (G, U) a window of the group that holds frame u
     source = (starts[:, None] + window) * T + np.minimum(u - window, T - 1)
     window_frames = (group * U + offset)[:, None] + np.arange(T)[None]  # (B, T)
-    tensors = [torch.from_numpy(a) for a in (source, u < T + sizes[:, None] - 1, window_frames)]
-    if torch.device(device).type == "cuda":  # pinned, so that the copies do not wait for the device
-        tensors = [t.pin_memory() for t in tensors]
-    return FrameGroups(*(t.to(device, non_blocking=True) for t in tensors))
+    return FrameGroups(*(torch.from_numpy(a) for a in (source, u < T + sizes[:, None] - 1, window_frames)))
 
 
 def predict_batch(model: nn.Module, encoders: FrozenEncoders, preprocessor, batch: dict, cfg: Config, train: bool
@@ -109,22 +113,25 @@ def predict_batch(model: nn.Module, encoders: FrozenEncoders, preprocessor, batc
     and images from them: each window gets what it would get alone with the group's shift.
     """
     frame_mask = batch["mask"][..., 0]  # (B, T) valid frames
+    host_mask = batch.get(HOST_FRAME_MASK, frame_mask)  # the same, on the host where DevicePrefetcher kept it
     keep = Keep(frame_steps=list(range(cfg.seq_len - cfg.skip_frame)))
     if SHARES_PREVIOUS not in batch:
         images = batch_images(preprocessor, batch, train)
-        features = encoders.encode_frames(images, frame_mask)
+        features = encoders.encode_frames(images, host_mask)
         lang = encoders.encode_text(batch["inst_token"])
         return model(lang, batch["arm_state"], batch["gripper_state"], features, frame_mask, keep), images
-    groups = frame_groups(batch[SHARES_PREVIOUS], cfg.seq_len, frame_mask.device)
-    raw = {k: batch[k].flatten(0, 1)[groups.source] for k in ("rgb_static", "rgb_gripper")}  # (G, U, 3, H, W)
+    groups = frame_groups(batch[SHARES_PREVIOUS], cfg.seq_len)
+    on_device = groups.to(frame_mask.device)
+    raw = {k: batch[k].flatten(0, 1)[on_device.source] for k in ("rgb_static", "rgb_gripper")}  # (G, U, 3, H, W)
     group_images = batch_images(preprocessor, raw, train)  # (G, U, 3, S, S); one random shift per group
-    group_mask = frame_mask.flatten()[groups.source] * groups.in_group  # (G, U)
+    layout = groups if host_mask.device.type == "cpu" else on_device
+    group_mask = host_mask.flatten()[layout.source] * layout.in_group  # (G, U)
     features = {cam: (cls.flatten(0, 1), patches.flatten(0, 1))  # (G U, F), (G U, P, F)
                 for cam, (cls, patches) in encoders.encode_frames(group_images, group_mask).items()}
     lang = encoders.encode_text(batch["inst_token"])
     out = model(lang, batch["arm_state"], batch["gripper_state"], features, frame_mask, keep,
-                frame_index=groups.window_frames)
-    images = {cam: x.flatten(0, 1)[groups.window_frames] for cam, x in group_images.items()}  # (B, T, 3, S, S)
+                frame_index=on_device.window_frames)
+    images = {cam: x.flatten(0, 1)[on_device.window_frames] for cam, x in group_images.items()}  # (B, T, 3, S, S)
     return out, images
 
 
@@ -188,7 +195,19 @@ def find_training_state(save_path: str) -> str | None:
     return None
 
 
-def mean_losses(totals: dict[str, float], count: int) -> dict[str, float]:
+def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's losses for logging, left on the device: Main.py sums them there and mean_losses reads them back once
+    per log line, so that the loop never waits for the device (an .item() per batch would, every batch)."""
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def mean_losses(totals: dict[str, float | torch.Tensor], count: int) -> dict[str, float]:
+    """Means of summed losses as floats; sums held on a device are read back in one transfer."""
+    on_device = [v for v in totals.values() if isinstance(v, torch.Tensor)]
+    if on_device:
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=on_device[0].device)
+                            for v in totals.values()]).tolist()
+        totals = dict(zip(totals, sums))
     return {k: totals[k] / max(1, count) for k in totals}
 
 

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import real_reference as rr
 from config import Config, load_config
 from data.lmdb_dataset import SHARES_PREVIOUS
+from data.loader import HOST_FRAME_MASK, HOST_KEYS
 from data.preprocess import ImagePreprocessor
 from models.build import build_model
 from training import compute_losses, make_optimizer
@@ -71,7 +72,8 @@ def synthetic_batch(cfg: Config, B: int, seed: int, frame_sharing: int, device: 
              "actions": torch.stack([steps[k, j + chunk] for k, j in windows]), "mask": torch.ones(B, T, K)}
     if G > 1:
         batch[SHARES_PREVIOUS] = torch.tensor([j > 0 for _, j in windows])
-    return {k: v if k == SHARES_PREVIOUS else v.to(device) for k, v in batch.items()}  # as DevicePrefetcher
+    moved = {k: v if k in HOST_KEYS else v.to(device) for k, v in batch.items()}  # as DevicePrefetcher
+    return {**moved, HOST_FRAME_MASK: batch["mask"][..., 0]}
 
 
 def reference_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:

@@ -223,7 +223,7 @@ def reference_losses(ref: Reference, model: nn.Module, preprocessor, batch: dict
     static, gripper = preprocessor.rgb_process(batch["rgb_static"], batch["rgb_gripper"], train=train)
     obs_mask = batch["mask"][..., 0]
     pred = model(rgb=static, hand_rgb=gripper, state={"arm": batch["arm_state"], "gripper": batch["gripper_state"]},
-                 language=batch["inst_token"], attention_mask=obs_mask)
+                 language=batch["inst_token"].to(static.device), attention_mask=obs_mask)
     loss = {
         "rgb_static": masked_loss(pred["obs_preds"], pred["obs_targets"], obs_mask, cfg.skip_frame, F.mse_loss),
         "rgb_gripper": masked_loss(pred["obs_hand_preds"], pred["obs_hand_targets"], obs_mask, cfg.skip_frame,

@@ -103,17 +103,24 @@ def batches_per_epoch(loader: DataLoader) -> int:
                                                                                    loader.batch_size)
 
 
+# Batch entries the training step reads on the host (the frame-group layout, the text-embedding cache's keys): they
+# stay there, since reading them back from a device would wait for all the device's queued work, every batch.
+HOST_KEYS = (SHARES_PREVIOUS, "inst_token")
+HOST_FRAME_MASK = "host_frame_mask"  # added to each batch: mask[..., 0] (valid frames) kept on the host, for the same
+#                                      reason (which frames the MAE encodes)
+
+
 class DevicePrefetcher:
-    """Iterates a loader, moving each batch to `device`; on CUDA the next batch is copied on a side stream while
-    the current one is used. On CPU it is a plain iterator. SHARES_PREVIOUS stays on the host: the training step
-    lays out the batch's frame groups from it without waiting for the device."""
+    """Iterates a loader, moving each batch but HOST_KEYS to `device` and adding HOST_FRAME_MASK; on CUDA the next
+    batch is copied on a side stream while the current one is used. On CPU it is a plain iterator."""
 
     def __init__(self, loader: DataLoader, device: torch.device):
         self.loader, self.device = loader, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v if k == SHARES_PREVIOUS else v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        moved = {k: v if k in HOST_KEYS else v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {**moved, HOST_FRAME_MASK: batch["mask"][..., 0]}
 
     def __iter__(self) -> Iterator[dict]:
         if self.stream is None:

@@ -148,7 +148,7 @@ def test_shared_frames_give_each_window_what_it_gets_alone(shared_batch, monkeyp
     encoders, gr1, _ = build_model(cfg, "cpu", weights=None)
     gr1.train()
     pre = ImagePreprocessor(cfg)
-    layout = frame_groups(batch[SHARES_PREVIOUS], cfg.seq_len, torch.device("cpu"))
+    layout = frame_groups(batch[SHARES_PREVIOUS], cfg.seq_len)
     G = layout.source.shape[0]
     group_of = torch.cumsum(~batch[SHARES_PREVIOUS], 0) - 1
     shifts = {pad: torch.randint(0, 2 * pad + 1, (G, 1, 1, 1, 2)).float() for pad in (cfg.rgb_static_pad,
