@@ -112,7 +112,7 @@ class Config:
     builtin_tasks: str = ""  # built-in scene: comma-separated tasks the evaluation chains use ('' = all 11)
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # skip the sequences before this position (evaluate a tail of the list)
-    exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
+    exact_attention: bool = False  # attention as the reference computes it (bit-identical, ~20% slower ViT on CPU)
     frame_sharing: int = 1  # training batches in groups of this many consecutive windows of one episode, one random
     #                         shift per group, each distinct frame encoded once (1 = independent windows; README)
 

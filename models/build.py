@@ -27,7 +27,7 @@ from torch import nn
 from config import Config, expand_path
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
-from models.layers import Attention
+from models.layers import Attention, PerceiverAttention
 
 CHECKPOINT_FORMAT = "gr1-training"  # value of the 'format' entry this project adds to its checkpoints
 _GPT2_OLD_BUFFERS = (".attn.bias", ".attn.masked_bias")  # persistent in transformers <= 4.11, unused here
@@ -170,9 +170,9 @@ def convert_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 # ---------------------------------------------------------------- builders
 
 def set_exact_attention(module: nn.Module, exact: bool) -> None:
-    """Switch every ViT-style attention (MAE, pixel decoder) between the reference's exact rounding and fused SDPA."""
+    """Switch every attention (MAE, pixel decoder, resampler) between the reference's exact rounding and fused SDPA."""
     for m in module.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, (Attention, PerceiverAttention)):
             m.exact = exact
 
 
