@@ -227,6 +227,9 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail(f"'test_chunk_size' ({cfg.test_chunk_size}) cannot exceed 'chunk_size' ({cfg.chunk_size})")
     if cfg.skip_frame >= cfg.seq_len:
         fail(f"'skip_frame' ({cfg.skip_frame}) must be smaller than 'seq_len' ({cfg.seq_len})")
+    if cfg.frame_sharing > cfg.bs_per_gpu:
+        fail(f"'frame_sharing' ({cfg.frame_sharing}) cannot exceed 'bs_per_gpu' ({cfg.bs_per_gpu}): a group of windows "
+             "shares frames only inside one batch")
     if not 0.0 < cfg.train_ratio < 1.0:
         fail(f"'train_ratio' must be in (0, 1), got {cfg.train_ratio}")
     if not 0.0 <= cfg.dropout < 1.0:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import load_config
+from config import ConfigError, load_config
 from conftest import ROOT
 from data.lmdb_dataset import SHARES_PREVIOUS, make_datasets
 from data.loader import EpochSampler, make_loader
@@ -25,6 +25,13 @@ TINY = os.path.join(ROOT, "configs", "tiny.json")
 
 def _cfg(lmdb: str, *overrides: str):
     return load_config(TINY, [f"LMDB_path={lmdb}", "workers_per_gpu=0", *overrides])
+
+
+def test_frame_sharing_is_validated():
+    for value, message in ((0, "must be > 0"), (5, "cannot exceed 'bs_per_gpu'")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(TINY, [f"frame_sharing={value}"])  # tiny.json: bs_per_gpu 4
+    assert load_config(TINY, ["frame_sharing=4"]).frame_sharing == 4 and load_config(TINY).frame_sharing == 1
 
 
 def test_window_groups_stay_in_one_segment(mini_lmdb):
