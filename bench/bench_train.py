@@ -34,6 +34,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +75,25 @@ def synthetic_batch(cfg: Config, B: int, seed: int, frame_sharing: int, device: 
         batch[SHARES_PREVIOUS] = torch.tensor([j > 0 for _, j in windows])
     moved = {k: v if k in HOST_KEYS else v.to(device) for k, v in batch.items()}  # as DevicePrefetcher
     return {**moved, HOST_FRAME_MASK: batch["mask"][..., 0]}
+
+
+def frame_sharing_bound(ref, model, pre, cfg: Config, batch: dict) -> str:
+    """The speed-up frame sharing can give by FLOPs, counting only the MAE frames it saves: FLOPs of one reference
+    training step at batch 1 (FlopCounterMode; CPU SDPA kernels, GPT-2's attention here, have no formula: < 2 %),
+    minus the MAE's share for the frames not encoded."""
+    from torch.utils.flop_counter import FlopCounterMode
+    shares = batch[SHARES_PREVIOUS].numpy()
+    sizes = np.diff(np.r_[np.flatnonzero(~shares), len(shares)])
+    frames = sum(cfg.seq_len + n - 1 for n in sizes) / len(shares)  # distinct frames per window and camera
+    one = {k: v[:1] for k, v in batch.items() if k != SHARES_PREVIOUS}
+    with FlopCounterMode(display=False) as counter:
+        rr.reference_losses(ref, model, pre, one, cfg)["total"].backward()
+    model.zero_grad(set_to_none=True)
+    total = counter.get_total_flops()
+    mae = sum(counter.get_flop_counts().get("GR1.model_mae", {}).values())
+    bound = total / (total - mae * (1 - frames / cfg.seq_len))
+    return (f"FLOP bound of frame sharing (MAE frames only): {bound:.2f}x ({frames:.2f} instead of {cfg.seq_len} MAE "
+            f"frames per window and camera; reference step {total / 1e9:.0f} GFLOP per sample, MAE {mae / 1e9:.0f})")
 
 
 def reference_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -177,6 +197,8 @@ def main() -> None:
         model = rr.build_reference_gr1(ref, cfg, device).train()
         print(rr.load_into_ours(model, gr1, encoders, cfg))
         ref_pre = rr.reference_preprocessor(ref, cfg, device)
+        if args.frame_sharing > 1:
+            bound = frame_sharing_bound(ref, model, ref_pre, cfg, batches[0])
         records["reference"] = []
         paths["reference"] = step_fn(lambda b: rr.reference_losses(ref, model, ref_pre, b, cfg),
                                      reference_optimizer(model, cfg), batches, seeds, autocast, records["reference"])
@@ -195,6 +217,8 @@ def main() -> None:
           f"{args.frame_sharing}, {args.precision}, {rr.machine_line(device, args.threads)}")
     timings = rr.alternate(paths, args.rounds, device, args.threads)
     report(args, timings, records)
+    if args.reference_dir and args.frame_sharing > 1:
+        print(f"  {bound}")
 
 
 def report(args, timings: dict[str, rr.Timing], records: dict[str, list]) -> None:
