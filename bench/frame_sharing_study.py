@@ -2,7 +2,7 @@
 samples, over several seeds, then validation losses and built-in-scene success rates with their spread.
 
     python bench/frame_sharing_study.py [--out frame_sharing_study] [--seeds 0 1 2] [--sharing 1 4]
-                                        [--episodes 30] [--sequences 20] [--threads N]
+                                        [--episodes 30] [--sequences 20] [--threads N] [--parallel N]
 
 One recording and one LMDB (as scripts/demo.sh makes them: the scripted expert over the demo's five tasks, every
 window annotated with the evaluation sentence) serve all runs. Each run trains configs/demo.json (6 epochs: each
@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -52,7 +53,14 @@ def prepare_data(out: str, episodes: int, threads: int) -> str:
     return lmdb
 
 
-def validation_losses(lmdb: str, ckpt: str) -> dict[str, float]:
+def validation_losses(lmdb: str, ckpt: str, log: str, threads: int) -> dict[str, float]:
+    """Mean losses over the whole validation split, computed in a child process (--validation_of)."""
+    run([sys.executable, os.path.abspath(__file__), "--validation_of", ckpt, "--lmdb", lmdb], log, threads)
+    with open(log) as f:
+        return json.loads(f.read().strip().splitlines()[-1])
+
+
+def score_validation(lmdb: str, ckpt: str) -> dict[str, float]:
     """Mean losses over the whole validation split (windows weighted equally, no augmentation)."""
     import torch
     from torch.utils.data import DataLoader
@@ -93,7 +101,7 @@ def one_run(out: str, lmdb: str, sharing: int, seed: int, sequences: int, thread
              f"seed={seed}", f"frame_sharing={sharing}", "resume=true"], os.path.join(run_dir, "train.log"), threads)
     train_seconds = time.perf_counter() - start
     print(f"{name}: validation losses and evaluation ...", flush=True)
-    val = validation_losses(lmdb, ckpt)
+    val = validation_losses(lmdb, ckpt, os.path.join(run_dir, "validation.log"), threads)
     eval_dir = os.path.join(run_dir, "eval")
     run([sys.executable, "evaluate_calvin.py", "--config", CONFIG, f"ckpt_path={ckpt}", f"eval_dir={eval_dir}",
          f"num_sequences={sequences}", f"builtin_tasks={TASKS}"],
@@ -142,11 +150,18 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=30, help="training episodes recorded (demo.sh: 30)")
     parser.add_argument("--sequences", type=int, default=20, help="evaluation chains per run (demo.sh: 20)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per process")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at the same time")
+    parser.add_argument("--validation_of", help=argparse.SUPPRESS)  # child process: score one checkpoint
+    parser.add_argument("--lmdb", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.validation_of:
+        print(json.dumps(score_validation(args.lmdb, args.validation_of)))
+        return
     os.makedirs(args.out, exist_ok=True)
     lmdb = prepare_data(args.out, args.episodes, args.threads)
-    results = [one_run(args.out, lmdb, g, seed, args.sequences, args.threads)
-               for seed in args.seeds for g in args.sharing]
+    runs = [(g, seed) for seed in args.seeds for g in args.sharing]
+    with ThreadPoolExecutor(args.parallel) as pool:  # each run is a chain of child processes
+        results = list(pool.map(lambda r: one_run(args.out, lmdb, r[0], r[1], args.sequences, args.threads), runs))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nconfigs/demo.json, {args.episodes} training episodes, {args.sequences} evaluation chains, mean ± "
