@@ -58,12 +58,8 @@ def main() -> None:
     gr1.eval()
     policies, actions = {}, {}
     if args.reference_dir:
-        ref = rr.import_reference(args.reference_dir)
-        print(ref.describe())
-        model = rr.build_reference_gr1(ref, cfg, device).eval()
-        print(rr.load_into_ours(model, gr1, encoders, cfg))
-        ref_pre = rr.reference_preprocessor(ref, cfg, device)
-        evaluator = ref.evaluation.GR1CalvinEvaluation(model, cfg.to_dict(), ref_pre, device)
+        ref, model, ref_pre = rr.reference_beside_ours(args.reference_dir, cfg, device, gr1, encoders)
+        evaluator = ref.evaluation.GR1CalvinEvaluation(model.eval(), cfg.to_dict(), ref_pre, device)
         evaluator.reset()
         policies["reference"] = lambda obs: evaluator.step(obs, INSTRUCTION)["action_pred"][0].numpy()
     policy = GR1Policy(cfg, encoders, gr1, ImagePreprocessor(cfg, device), device, use_cache=True)

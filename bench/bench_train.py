@@ -192,11 +192,8 @@ def main() -> None:
     batches = [synthetic_batch(cfg, args.batch, 100 + r, args.frame_sharing, device) for r in range(args.rounds)]
     seeds = [1000 + r for r in range(args.rounds)]
     if args.reference_dir:
-        ref = rr.import_reference(args.reference_dir)
-        print(ref.describe())
-        model = rr.build_reference_gr1(ref, cfg, device).train()
-        print(rr.load_into_ours(model, gr1, encoders, cfg))
-        ref_pre = rr.reference_preprocessor(ref, cfg, device)
+        ref, model, ref_pre = rr.reference_beside_ours(args.reference_dir, cfg, device, gr1, encoders)
+        model.train()
         if args.frame_sharing > 1:
             bound = frame_sharing_bound(ref, model, ref_pre, cfg, batches[0])
         records["reference"] = []

@@ -245,6 +245,16 @@ def load_into_ours(reference_model: nn.Module, gr1: nn.Module, encoders, cfg) ->
     return str(report)
 
 
+def reference_beside_ours(path: str, cfg, device: torch.device, gr1: nn.Module, encoders):
+    """Import GR1-Training from `path`, build its GR1 and its PreProcess, and load the model's weights into ours
+    (printing what was used and loaded) -> (Reference, its GR1, its PreProcess)."""
+    ref = import_reference(path)
+    print(ref.describe())
+    model = build_reference_gr1(ref, cfg, device)
+    print(load_into_ours(model, gr1, encoders, cfg))
+    return ref, model, reference_preprocessor(ref, cfg, device)
+
+
 # ---------------------------------------------------------------- alternating timing
 
 @dataclass
