@@ -112,7 +112,11 @@ class Config:
     builtin_tasks: str = ""  # built-in scene: comma-separated tasks the evaluation chains use ('' = all 11)
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # skip the sequences before this position (evaluate a tail of the list)
-    exact_attention: bool = False  # attention as the reference computes it (bit-identical, ~20% slower ViT on CPU)
+    exact_attention: bool = False  # attention as the reference computes it (bit-identical, slower)
+    load_grmg_ckpt: bool = False  # start from GR-MG's Ego4D-pretrained GR-1 (grmg_ckpt_path), converted strictly
+    grmg_ckpt_path: str = "./pretrained.pt"  # GR-MG's pretrained.pt (or another GR-MG policy checkpoint)
+    grmg_init_gripper_from_static: bool = False  # gripper-camera embeddings / observation queries a GR-MG file lacks
+    #                                              start as copies of its static camera's (else: random init)
     frame_sharing: int = 1  # training batches in groups of this many consecutive windows of one episode, one random
     #                         shift per group, each distinct frame encoded once (1 = independent windows; README)
 
@@ -124,6 +128,19 @@ class Config:
         """A validated copy with some values changed."""
         return from_dict({**self.to_dict(), **changes}, source="replace()")
 
+
+# Keys that decide the network's shapes and its input preprocessing. Checkpoints written here record them (in their
+# 'config'), and evaluate_calvin.py / fine-tuning from ckpt_path rebuild the model from the checkpoint's values.
+ARCHITECTURE_KEYS = (
+    "rgb_shape", "patch_size", "rgb_mean", "rgb_std", "embed_dim", "n_layer", "n_head", "activation_function",
+    "n_positions", "resampler_depth", "resampler_dim_head", "resampler_heads", "resampler_num_media_embeds",
+    "resampler_num_latents", "seq_len", "chunk_size", "action_mode", "act_dim", "state_dim", "use_hand_rgb",
+    "img_feat_dim", "patch_feat_dim", "lang_feat_dim", "clip_text_width", "clip_text_layers", "clip_text_heads",
+    "mae_depth", "mae_num_heads",
+)
+# Frozen-encoder weight files: taken from the config, except that a model trained on the seeded RANDOM encoders
+# ('' in its checkpoint) keeps them unless the key is given explicitly (its features come from those encoders).
+ENCODER_WEIGHT_KEYS = ("mae_ckpt", "clip_ckpt")
 
 _CHOICES = {
     "action_mode": ("ee_rel_pose", "ee_abs_pose"),
@@ -227,6 +244,10 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail(f"'test_chunk_size' ({cfg.test_chunk_size}) cannot exceed 'chunk_size' ({cfg.chunk_size})")
     if cfg.skip_frame >= cfg.seq_len:
         fail(f"'skip_frame' ({cfg.skip_frame}) must be smaller than 'seq_len' ({cfg.seq_len})")
+    if cfg.load_grmg_ckpt and cfg.load_bytedance_ckpt:
+        fail("'load_grmg_ckpt' and 'load_bytedance_ckpt' are both true: choose one starting checkpoint")
+    if cfg.load_grmg_ckpt and not cfg.grmg_ckpt_path:
+        fail("'load_grmg_ckpt' is true but 'grmg_ckpt_path' is empty: set it to GR-MG's pretrained.pt")
     if cfg.frame_sharing > cfg.bs_per_gpu:
         fail(f"'frame_sharing' ({cfg.frame_sharing}) cannot exceed 'bs_per_gpu' ({cfg.bs_per_gpu}): a group of windows "
              "shares frames only inside one batch")
@@ -303,6 +324,36 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def explicit_keys(args: argparse.Namespace) -> frozenset[str]:
+    """Keys the user set explicitly: those of a --config file given on the command line and the key=value overrides
+    (the default configs.json, read when --config is absent, sets none)."""
+    keys = {parse_override(text)[0] for text in args.overrides}
+    if args.config:
+        with open(args.config) as f:
+            keys.update(json.load(f))
+    return frozenset(keys)
+
+
+def adopt_checkpoint_config(cfg: Config, saved: dict[str, Any], explicit: frozenset[str], source: str) -> Config:
+    """cfg with the architecture keys (and random-encoder choices) a checkpoint was trained with.
+
+    An explicit key that contradicts the checkpoint is an error naming both values."""
+    saved_cfg = from_dict({k: v for k, v in saved.items() if k in _FIELDS}, source=f"{source} (its saved config)")
+    changes = {}
+    for key in ARCHITECTURE_KEYS:
+        if key not in saved:
+            continue
+        ours, theirs = getattr(cfg, key), getattr(saved_cfg, key)
+        if key in explicit and ours != theirs:
+            raise ConfigError(f"{key}={ours!r} was given, but {source} was trained with {key}={theirs!r}: drop the key "
+                              "(the checkpoint's value is used) or use a checkpoint of that architecture")
+        changes[key] = theirs
+    for key in ENCODER_WEIGHT_KEYS:
+        if saved.get(key) == "" and key not in explicit:
+            changes[key] = ""
+    return cfg.replace(**changes)
+
+
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as JSON (atomically)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -317,5 +368,6 @@ def expand_path(path: str) -> str:
     return os.path.expandvars(os.path.expanduser(path)) if path else path
 
 
-__all__ = ["Config", "ConfigError", "DEFAULT_CONFIG", "add_config_arguments", "config_from_args", "expand_path",
+__all__ = ["ARCHITECTURE_KEYS", "Config", "ConfigError", "DEFAULT_CONFIG", "ENCODER_WEIGHT_KEYS",
+           "add_config_arguments", "adopt_checkpoint_config", "config_from_args", "expand_path", "explicit_keys",
            "from_dict", "load_config", "parse_override", "save_config"]

@@ -17,11 +17,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from config import Config, ConfigError, add_config_arguments, config_from_args, save_config
-from models.build import CheckpointError, build_model, default_weights_path
+from config import Config, ConfigError, add_config_arguments, config_from_args, explicit_keys, save_config
+from models.build import CheckpointError, build_model, config_for_checkpoint, default_weights_path
 
 
-def main(cfg: Config) -> dict | None:
+def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
+    """Evaluate; `explicit` are the keys the user set (a checkpoint's architecture overrides the others)."""
     from evaluation.runner import evaluate
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
@@ -31,6 +32,7 @@ def main(cfg: Config) -> dict | None:
         if weights is None:
             raise CheckpointError(f"no policy weights: {os.path.join(cfg.save_path, f'GR1_{cfg.load_epoch}.pth')} "
                                   "does not exist; set ckpt_path=<file> (or load_epoch / load_bytedance_ckpt)")
+        cfg = config_for_checkpoint(cfg, weights, explicit)  # the model is rebuilt from the checkpoint's config
         encoders, gr1, report = build_model(cfg, acc.device, weights=weights, for_eval=True)
         gr1.eval()
         acc.print(report)
@@ -46,7 +48,7 @@ if __name__ == "__main__":
     add_config_arguments(parser)
     args = parser.parse_args()
     try:
-        main(config_from_args(args))
+        main(config_from_args(args), explicit_keys(args))
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

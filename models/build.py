@@ -11,6 +11,8 @@ Checkpoint formats read (detected from the keys, each converted explicitly, then
 - Bytedance GR-1's ``snapshot_ABC.pt``: no position embedding (``transformer.wpe`` set to ZERO, which is what
   Bytedance's GPT computes; GR1-Training leaves it random) and no chunk queries (set to zero: chunk size 1).
 - A full reference model state dict (with model_mae.* / model_clip.*): the encoder weights go to the frozen encoders.
+- GR-MG's Ego4D-pretrained GR-1 (``pretrained.pt``) and its other policy checkpoints (Lightning files, keys under
+  ``model.``): see :func:`convert_grmg_state_dict`.
 
 Prefixes added by DDP (``module.``) or torch.compile (``_orig_mod.``) are stripped.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from config import Config, expand_path
+from config import Config, adopt_checkpoint_config, expand_path
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
 from models.layers import Attention, PerceiverAttention
@@ -88,7 +90,9 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: str, what
         raise CheckpointError(f"{path} does not fit the {what}:" + (listing("missing", missing) if missing else "")
                               + (listing("unexpected", unexpected) if unexpected else "")
                               + (listing("shape mismatch", shapes) if shapes else "")
-                              + "\n  Check that the config (embed_dim, n_layer, chunk_size, ...) matches the file.")
+                              + "\n  Check that the config (embed_dim, n_layer, chunk_size, ...) matches the file "
+                              "(GR1-Training's and Bytedance's checkpoints record no config: their shapes come from "
+                              "the config file).")
     module.load_state_dict(sd, strict=True)
 
 
@@ -167,6 +171,131 @@ def convert_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in sd.items() if not k.startswith(_CLIP_UNUSED)}
 
 
+# ---------------------------------------------------------------- GR-MG (bytedance/GR-MG's Ego4D-pretrained GR-1)
+# GR-MG's GR_MG is GR-1 plus a goal image, trained by Lightning (state_dict keys under 'model.'); its pretrained.pt
+# was trained with video prediction only (no state, no gripper camera, no action head). Token layout differences
+# (documented in the README): GR-MG puts the goal image's Q+1 tokens before the T timestep blocks and has no
+# position embedding; a pretraining block is [lang, static Q+1, static observation queries Q+1].
+
+GRMG_FORMAT = "gr-mg"
+_GRMG_PREFIX = "model."  # GR-MG's LightningModule holds the network as .model
+_GRMG_MARKERS = ("embed_goal_image.weight", "embed_goal_patch.weight")  # every GR_MG has goal-image embeddings
+_GRMG_ENCODERS = {"model_mae.": "model_mae.", "text_encoder.": "model_clip."}  # its frozen MAE / CLIP -> ours
+# GR-MG modules GR-1 does not have, dropped by name: goal-image embeddings, the CVAE action encoder, the transformer
+# action decoder (its pred_*_act layers read that decoder, not GR-1's MLP) and the progress head.
+GRMG_ONLY_MODULES = (
+    "embed_goal_image", "embed_goal_patch",
+    "embed_arm_action", "embed_gripper_action", "embed_action", "action_encoder_cls_token", "encode_action",
+    "action_encoder_positional_embeddings", "pred_style_vector", "embed_style_vector",
+    "proj_action_output_embed", "decode_action", "action_mask_token_embedding", "action_decoder_positional_embeddings",
+    "pred_arm_act", "pred_gripper_act",
+    "progress_queries", "proj_progress_output_embed", "decode_progress", "progress_mask_token_embedding",
+    "pred_progress")
+# GR-1 modules a GR-MG file may lack (pretrained.pt lacks them all); they keep the model's own initialisation.
+GRMG_MAY_LACK = ("embed_arm_state", "embed_gripper_state", "embed_state", "embed_hand_img", "embed_hand_patch",
+                 "obs_hand_queries", "action_queries", "action_chunk_queries", "pred_act_mlps", "pred_arm_act",
+                 "pred_gripper_act", "transformer.wte")
+_GRIPPER_FROM_STATIC = {"embed_hand_img": "embed_img", "embed_hand_patch": "embed_patch",
+                        "obs_hand_queries": "obs_queries"}  # grmg_init_gripper_from_static: gripper <- static
+_SHARED_MARKERS = ("embed_lang.weight", "perceiver_resampler.latents", "transformer.ln_f.weight")  # in every format
+# Architecture keys of GR-MG's config['policy'] with the same name here, and its resampler_params' names here
+_GRMG_POLICY_KEYS = ("embed_dim", "n_layer", "n_head", "activation_function", "seq_len", "img_feat_dim",
+                     "patch_feat_dim", "lang_feat_dim")
+_GRMG_RESAMPLER_KEYS = {"depth": "resampler_depth", "dim_head": "resampler_dim_head", "heads": "resampler_heads",
+                        "num_latents": "resampler_num_latents", "num_media_embeds": "resampler_num_media_embeds"}
+
+
+def _unprefixed(key: str) -> str:
+    return key[len(_GRMG_PREFIX):] if key.startswith(_GRMG_PREFIX) else key
+
+
+def _module_of(key: str, modules: tuple[str, ...]) -> str | None:
+    """The entry of `modules` that `key` belongs to ('embed_state' owns 'embed_state.weight'), if any."""
+    return next((m for m in modules if key == m or key.startswith(m + ".")), None)
+
+
+def is_grmg_state_dict(sd: dict[str, torch.Tensor]) -> bool:
+    return any(_unprefixed(k) in _GRMG_MARKERS for k in sd)
+
+
+def check_known_layout(sd: dict[str, torch.Tensor], source: str) -> None:
+    """A one-line error for a file that is no GR-1 checkpoint of any supported format (rather than a list of
+    hundreds of missing keys)."""
+    if not any(_unprefixed(k) in _SHARED_MARKERS for k in sd):
+        first = ", ".join(list(sd)[:5]) or "none"
+        raise CheckpointError(f"{source} is neither a GR-1 checkpoint (this project's, GR1-Training's, Bytedance's "
+                              f"snapshot) nor GR-MG's: it has none of the keys they all share "
+                              f"({', '.join(_SHARED_MARKERS)}); its first keys are: {first}")
+
+
+def grmg_config_values(policy: dict) -> dict:
+    """GR-MG's config['policy'] (its JSON config, saved as hyper-parameters in its checkpoints) -> this project's
+    architecture keys with their values."""
+    values = {k: policy[k] for k in _GRMG_POLICY_KEYS if k in policy}
+    resampler = policy.get("resampler_params", {})
+    values.update({ours: resampler[theirs] for theirs, ours in _GRMG_RESAMPLER_KEYS.items() if theirs in resampler})
+    return values
+
+
+def check_grmg_hyper_parameters(raw: dict, cfg: Config, path: str) -> None:
+    """A GR-MG Lightning checkpoint saves its config; architecture values the weights' shapes cannot reveal (heads,
+    activation) must agree with the config, like every other architecture value."""
+    hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    configs = hparams.get("configs") if isinstance(hparams, dict) else None  # GR-MG's Policy_Trainer(configs)
+    policy = configs.get("policy") if isinstance(configs, dict) else None
+    if not isinstance(policy, dict):
+        return
+    wrong = [f"{k}={v!r} (config: {getattr(cfg, k)!r})" for k, v in grmg_config_values(policy).items()
+             if v != getattr(cfg, k)]
+    if wrong:
+        raise CheckpointError(f"{path} was trained with other architecture settings: {', '.join(wrong)}; set these "
+                              "config keys to the checkpoint's values")
+
+
+def convert_grmg_state_dict(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], cfg: Config,
+                            notes: list[str]) -> tuple[dict, dict, dict]:
+    """A GR-MG checkpoint's state dict -> (GR1 policy keys, MAE keys, CLIP keys), loaded strictly afterwards.
+
+    Shared modules keep their names and load exactly. GR-MG-only modules (GRMG_ONLY_MODULES) are dropped by name.
+    GR-1 modules the file lacks (GRMG_MAY_LACK) take their values from `own`, the model's state dict (its usual
+    initialisation), or with cfg.grmg_init_gripper_from_static the gripper camera's from the static camera's.
+    GR-MG's GPT-2 has no position embedding: transformer.wpe is set to zero (exact), unless the file has one.
+    """
+    renamed = {}
+    for key, value in sd.items():
+        key = _unprefixed(key)
+        src = next((s for s in _GRMG_ENCODERS if key.startswith(s)), None)
+        renamed[_GRMG_ENCODERS[src] + key[len(src):] if src else key] = value
+    policy, mae, clip = split_encoder_keys(renamed)
+    unused_clip = [k for k in clip if k.startswith(_CLIP_UNUSED)]
+    if unused_clip:
+        notes.append(f"dropped {len(unused_clip)} CLIP keys GR-1 does not use (image tower, logit_scale)")
+    dropped = sorted({_module_of(k, GRMG_ONLY_MODULES) for k in policy} - {None})
+    policy = _drop_old_gpt2_buffers({k: v for k, v in policy.items() if not _module_of(k, GRMG_ONLY_MODULES)}, notes)
+    if dropped:
+        notes.append(f"dropped GR-MG-only modules: {', '.join(dropped)}")
+    if "transformer.wpe.weight" not in policy:
+        policy["transformer.wpe.weight"] = torch.zeros(cfg.n_positions, cfg.embed_dim)
+        notes.append("transformer.wpe set to zero (GR-MG's GPT-2 has no position embedding)")
+    if cfg.grmg_init_gripper_from_static:
+        copied = []
+        for hand, static in _GRIPPER_FROM_STATIC.items():
+            hand_keys = [k for k in own if _module_of(k, (hand,))]
+            if any(k in policy for k in hand_keys):
+                continue  # the file has this gripper module: it loads as it is
+            static_keys = [static + k[len(hand):] for k in hand_keys]
+            if all(k in policy for k in static_keys):
+                policy.update({h: policy[s].clone() for h, s in zip(hand_keys, static_keys)})
+                copied.append(f"{hand} <- {static}")
+        if copied:
+            notes.append(f"gripper camera initialised from the static camera: {', '.join(copied)}")
+    kept = sorted({_module_of(k, GRMG_MAY_LACK) for k in own if k not in policy} - {None})
+    policy.update({k: v for k, v in own.items() if k not in policy and _module_of(k, GRMG_MAY_LACK)})
+    if kept:
+        notes.append(f"not in the file, initialised as usual: {', '.join(kept)}")
+    return policy, mae, clip
+
+
 # ---------------------------------------------------------------- builders
 
 def set_exact_attention(module: nn.Module, exact: bool) -> None:
@@ -240,8 +369,24 @@ def default_weights_path(cfg: Config, for_eval: bool = False) -> str | None:
         return cfg.ckpt_path
     if cfg.load_bytedance_ckpt:
         return cfg.bytedance_ckpt_path
+    if cfg.load_grmg_ckpt:
+        return cfg.grmg_ckpt_path
     path = os.path.join(cfg.save_path, f"GR1_{cfg.load_epoch}.pth")
     return path if os.path.isfile(path) else None
+
+
+def saved_config(path: str) -> dict | None:
+    """The config a checkpoint of this project records (None for GR1-Training's and Bytedance's, which record none)."""
+    raw = load_file(path)
+    saved = raw.get("config") if isinstance(raw, dict) else None
+    return saved if isinstance(saved, dict) else None
+
+
+def config_for_checkpoint(cfg: Config, path: str, explicit: frozenset[str] = frozenset()) -> Config:
+    """cfg with the architecture a checkpoint was trained with, so that the model can be rebuilt from the file alone
+    (config.adopt_checkpoint_config). Files without a config (GR1-Training, Bytedance) keep cfg's values."""
+    saved = saved_config(path)
+    return cfg if saved is None else adopt_checkpoint_config(cfg, saved, explicit, path)
 
 
 def load_policy_weights(gr1: GR1, encoders: FrozenEncoders | None, path: str, cfg: Config) -> LoadReport:
@@ -250,6 +395,7 @@ def load_policy_weights(gr1: GR1, encoders: FrozenEncoders | None, path: str, cf
     sd = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a GR-1 checkpoint (expected a state dict or {{'state_dict': ...}})")
+    check_grmg_hyper_parameters(raw, cfg, path)
     return load_policy_state_dict(gr1, encoders, sd, cfg, path)
 
 
@@ -257,9 +403,15 @@ def load_policy_state_dict(gr1: GR1, encoders: FrozenEncoders | None, sd: dict[s
                            source: str = "state dict") -> LoadReport:
     """Convert and strictly load a GR-1 state dict; model_mae.* / model_clip.* keys, if present, go to `encoders`
     (ignored when encoders is None)."""
-    policy_sd, mae_sd, clip_sd = split_encoder_keys(_strip_prefixes(sd))
+    sd = _strip_prefixes(sd)
+    check_known_layout(sd, source)
     report = LoadReport(source, "")
-    policy_sd, report.format = convert_policy_state_dict(policy_sd, cfg, report.notes)
+    if is_grmg_state_dict(sd):
+        policy_sd, mae_sd, clip_sd = convert_grmg_state_dict(sd, gr1.state_dict(), cfg, report.notes)
+        report.format = GRMG_FORMAT
+    else:
+        policy_sd, mae_sd, clip_sd = split_encoder_keys(sd)
+        policy_sd, report.format = convert_policy_state_dict(policy_sd, cfg, report.notes)
     _load_strict(gr1, policy_sd, source, "GR1 policy")
     if encoders is not None and mae_sd:
         _load_strict(encoders.mae, convert_mae_state_dict(mae_sd, report.notes), source, "MAE image encoder")

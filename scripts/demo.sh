@@ -17,16 +17,8 @@ LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision n
 start=$SECONDS
 step() { printf '\n== [%4ds] %s\n' $((SECONDS - start)) "$*"; }
 
-step "install (virtual environment .venv unless one is active)"
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-  python3 -m venv .venv
-  . .venv/bin/activate
-fi
-if python -c "import torch" 2>/dev/null; then
-  python -m pip install -q -r requirements.txt
-else
-  python -m pip install -q -r requirements-ci.txt  # torch 2.13.0 (a CPU build where one is available locally)
-fi
+step "install (virtual environment .venv unless one is active; nothing to do when it is up to date)"
+. scripts/env.sh
 export TQDM_MININTERVAL=5
 
 step "record $EPISODES demonstration episodes with the scripted expert ($TASKS)"
@@ -77,3 +69,6 @@ for name, r in (("trained GR-1", trained), ("zero action ", zero)):
     rates = " ".join(f"{k}/5 {v * 100:.0f}%" for k, v in r["chain_sr"].items())
     print(f"{name}: avg length {r['avg_seq_len']:.2f}  chain success {rates}")
 EOF
+echo
+echo "tests:             bash scripts/test.sh"
+echo "in your shell:     . $VIRTUAL_ENV/bin/activate   (then accelerate launch Main.py ..., evaluate_calvin.py ...)"

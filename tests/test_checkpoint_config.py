@@ -1,0 +1,63 @@
+"""Checkpoints describe themselves: evaluate_calvin.py rebuilds the model from a checkpoint's saved config, without
+--config, and an explicit key that contradicts the checkpoint is a one-line error."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError, adopt_checkpoint_config, load_config
+from conftest import ROOT
+from data_helpers import mini_lmdb  # noqa: F401 (session fixture)
+
+TINY = os.path.join(ROOT, "configs", "tiny.json")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mini_lmdb):  # noqa: F811
+    """The tiny config trained for 2 optimiser steps (one epoch of 2 large batches) by Main.py."""
+    save = str(tmp_path_factory.mktemp("run"))
+    proc = _run("Main.py", "--config", TINY, f"LMDB_path={mini_lmdb}", f"save_path={save}", "num_epochs=1",
+                "bs_per_gpu=96", "print_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(open(os.path.join(save, "metrics.jsonl")).readlines()[-1])["update"] == 2
+    return os.path.join(save, "GR1_1.pth")
+
+
+def test_evaluate_calvin_needs_only_the_checkpoint(trained, tmp_path):
+    """No --config: configs.json (full size) gives the evaluation keys; the architecture and the random encoders
+    the tiny model was trained on come from the checkpoint."""
+    out = tmp_path / "eval"
+    proc = _run("evaluate_calvin.py", f"ckpt_path={trained}", f"eval_dir={out}", "num_sequences=1", "ep_len=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_config(str(out / "config.json"))
+    assert (saved.embed_dim, saved.seq_len, saved.mae_ckpt) == (32, 4, "")
+    assert saved.num_sequences == 1 and saved.ep_len == 3
+
+
+def test_a_contradicting_key_is_a_one_line_error(trained, tmp_path):
+    proc = _run("evaluate_calvin.py", f"ckpt_path={trained}", f"eval_dir={tmp_path}", "seq_len=5")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seq_len=5" in lines[0] and "seq_len=4" in lines[0] and trained in lines[0], lines
+
+
+def test_adopting_a_saved_config():
+    cfg, tiny = load_config(None), load_config(TINY)
+    saved = tiny.to_dict()
+    adopted = adopt_checkpoint_config(cfg, saved, frozenset({"ep_len", "embed_dim"} - {"embed_dim"}), "x.pth")
+    assert (adopted.embed_dim, adopted.rgb_shape, adopted.mae_ckpt, adopted.clip_ckpt) == (32, 32, "", "")
+    assert adopted.ep_len == cfg.ep_len and adopted.bs_per_gpu == cfg.bs_per_gpu  # not architecture keys
+    explicit_mae = adopt_checkpoint_config(cfg, saved, frozenset({"mae_ckpt"}), "x.pth")
+    assert explicit_mae.mae_ckpt == cfg.mae_ckpt  # an explicit weights file wins over the random encoder
+    assert adopt_checkpoint_config(tiny, saved, frozenset({"embed_dim"}), "x.pth").embed_dim == 32  # agrees: fine
+    with pytest.raises(ConfigError, match=r"embed_dim=384 was given, but x.pth was trained with embed_dim=32"):
+        adopt_checkpoint_config(cfg, saved, frozenset({"embed_dim"}), "x.pth")
