@@ -29,7 +29,7 @@ from torch import nn
 from config import Config, adopt_checkpoint_config, expand_path
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
-from models.layers import Attention, PerceiverAttention
+from models.layers import Attention
 
 CHECKPOINT_FORMAT = "gr1-training"  # value of the 'format' entry this project adds to its checkpoints
 _GPT2_OLD_BUFFERS = (".attn.bias", ".attn.masked_bias")  # persistent in transformers <= 4.11, unused here
@@ -299,9 +299,9 @@ def convert_grmg_state_dict(sd: dict[str, torch.Tensor], own: dict[str, torch.Te
 # ---------------------------------------------------------------- builders
 
 def set_exact_attention(module: nn.Module, exact: bool) -> None:
-    """Switch every attention (MAE, pixel decoder, resampler) between the reference's exact rounding and fused SDPA."""
+    """Switch every ViT-style attention (MAE, pixel decoder) between the reference's exact rounding and fused SDPA."""
     for m in module.modules():
-        if isinstance(m, (Attention, PerceiverAttention)):
+        if isinstance(m, Attention):
             m.exact = exact
 
 

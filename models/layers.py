@@ -83,7 +83,6 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.exact = False  # set by the owner: True reproduces flamingo-pytorch's rounding bit for bit
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """media (B, N, D), latents (B, Q, D) -> (B, Q, D)."""
@@ -92,13 +91,11 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, *, d)
-        if self.exact:
-            sim = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, Q, N + Q)
-            # Faithful to flamingo-pytorch: max-subtraction before softmax (changes rounding, not the maths).
-            out = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # the same maths, fused
-        return self.to_out(out.transpose(1, 2).flatten(-2))  # (B, Q, H * d)
+        sim = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, Q, N + Q)
+        # Faithful to flamingo-pytorch: max-subtraction before softmax (changes rounding, not the maths).
+        attn = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).flatten(-2)  # (B, Q, H * d)
+        return self.to_out(out)
 
 
 class PerceiverResampler(nn.Module):
