@@ -31,12 +31,13 @@ from training import (
     agree,
     check_save_path,
     compute_losses,
+    detached,
     empty_totals,
     error_line,
+    first_nonfinite,
     lr_factor,
     make_optimizer,
     mean_losses,
-    nonfinite,
     nonfinite_report,
 )
 from training_state import (
@@ -97,7 +98,7 @@ class Trainer:
         optimizer = make_optimizer(self.gr1, cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = acc.prepare(self.gr1, optimizer)
-        self.bad_batch: int | None = None  # first batch of the current accumulation group with a non-finite loss
+        self.group_finite: list[tuple[int, torch.Tensor]] = []  # (batch in epoch, finite?) of the accumulation group
         self.stop_agreed = False  # the processes agreed to stop (a signal) after the current step
         if saved:
             self.state = restore_state(saved, self.optimizer, self.scheduler, acc.scaler)
@@ -116,21 +117,24 @@ class Trainer:
                          len(self.train_set))
 
     # ---- one optimiser step's worth of batches ----
-    def train_batch(self, batch: dict, sync: bool, group: int, stop_requested: bool) -> tuple[dict[str, float], bool]:
+    def train_batch(self, batch: dict, sync: bool, group: int, stop_requested: bool
+                    ) -> tuple[dict[str, torch.Tensor], bool]:
         """Forward/backward one batch; the optimiser steps when `sync` (the last batch of an accumulation group of
         `group` batches, whose gradients are averaged). At that point the processes agree on whether to stop after
         this step (a signal) and, before stepping, whether any loss of the group was non-finite (then nothing is
-        stepped and NonFiniteLossError names the batches)."""
+        stepped and NonFiniteLossError names the batches). The losses stay on the device (summed there, read once
+        per log line); their finiteness is read once per optimiser step."""
         no_sync = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
         with no_sync, self.acc.autocast():
             losses = compute_losses(self.model, self.encoders, self.preprocessor, batch, self.cfg, train=True)
             self.acc.backward(losses["total"] / group)
-        values = {k: v.item() for k, v in losses.items()}
-        if nonfinite(values) and self.bad_batch is None:
-            self.bad_batch = self.state.batch_in_epoch
+        losses = detached(losses)
+        self.group_finite.append((self.state.batch_in_epoch, torch.isfinite(losses["total"])))
         stop = False
-        if sync or self.acc.num_processes == 1:
-            stop, bad = agree(self.acc, stop_requested and sync, self.bad_batch)
+        if sync:
+            bad_batch = first_nonfinite(self.group_finite)  # one read from the device per optimiser step
+            self.group_finite = []
+            stop, bad = agree(self.acc, stop_requested, bad_batch)
             if bad:
                 raise NonFiniteLossError(nonfinite_report(bad, self.train_set, self.cfg, self.state.epoch,
                                                           self.state.update, self.acc.num_processes))
@@ -138,15 +142,15 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return values, stop
+        return losses, stop
 
     @torch.no_grad()
-    def val_batch(self, batch: dict) -> dict[str, float]:
+    def val_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         self.model.eval()
         with self.acc.autocast():
             losses = compute_losses(self.model, self.encoders, self.preprocessor, batch, self.cfg, train=False)
         self.model.train()
-        return {k: v.item() for k, v in losses.items()}
+        return detached(losses)  # summed on the device, read once per log line
 
     # ---- logging ----
     def log(self, train: dict[str, float], val: dict[str, float] | None, n: int, seconds: float,
@@ -251,12 +255,12 @@ class Trainer:
                 bar.update(1)
                 if n == cfg.print_steps or st.batch_in_epoch == self.n_batches:
                     seconds = time.perf_counter() - t0
-                    self.log(mean_losses(totals, n), mean_losses(vtotals, nv) if nv else None, n, seconds, load)
-                    bar.set_postfix(loss=f"{totals['total'] / n:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    train_means = mean_losses(totals, n)
+                    self.log(train_means, mean_losses(vtotals, nv) if nv else None, n, seconds, load)
+                    bar.set_postfix(loss=f"{train_means['total']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                     samples_s=f"{n * cfg.bs_per_gpu * acc.num_processes / seconds:.2f}")
                     totals, vtotals, n, nv, t0, load = empty_totals(), empty_totals(), 0, 0, time.perf_counter(), 0.0
                 if sync:
-                    self.bad_batch = None
                     if st.batch_in_epoch < self.n_batches:  # the epoch's last step is saved by finish_epoch
                         max_reached = bool(cfg.max_train_steps and st.update >= cfg.max_train_steps)
                         if max_reached or self.stop_agreed or (cfg.save_steps and st.update % cfg.save_steps == 0):

@@ -112,11 +112,13 @@ class Config:
     builtin_tasks: str = ""  # built-in scene: comma-separated tasks the evaluation chains use ('' = all 11)
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # skip the sequences before this position (evaluate a tail of the list)
-    exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
+    exact_attention: bool = False  # attention as the reference computes it (bit-identical, slower)
     load_grmg_ckpt: bool = False  # start from GR-MG's Ego4D-pretrained GR-1 (grmg_ckpt_path), converted strictly
     grmg_ckpt_path: str = "./pretrained.pt"  # GR-MG's pretrained.pt (or another GR-MG policy checkpoint)
     grmg_init_gripper_from_static: bool = False  # gripper-camera embeddings / observation queries a GR-MG file lacks
     #                                              start as copies of its static camera's (else: random init)
+    frame_sharing: int = 1  # training batches in groups of this many consecutive windows of one episode, one random
+    #                         shift per group, each distinct frame encoded once (1 = independent windows; README)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) that load_config reads back to an equal Config."""
@@ -248,6 +250,9 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail("'load_grmg_ckpt' and 'load_bytedance_ckpt' are both true: choose one starting checkpoint")
     if cfg.load_grmg_ckpt and not cfg.grmg_ckpt_path:
         fail("'load_grmg_ckpt' is true but 'grmg_ckpt_path' is empty: set it to GR-MG's pretrained.pt")
+    if cfg.frame_sharing > cfg.bs_per_gpu:
+        fail(f"'frame_sharing' ({cfg.frame_sharing}) cannot exceed 'bs_per_gpu' ({cfg.bs_per_gpu}): a group of windows "
+             "shares frames only inside one batch")
     if not 0.0 < cfg.train_ratio < 1.0:
         fail(f"'train_ratio' must be in (0, 1), got {cfg.train_ratio}")
     for name in _POSITIVE_FLOATS:

@@ -1,13 +1,20 @@
-"""Data pipeline speed: our LMDB loader vs a straightforward per-key reader of GR1-Training's schema, and
-calvin2lmdb conversion frames/s with all cores vs one.
+"""Data pipeline speed: our LMDB loader vs the real GR1-Training reader, and calvin2lmdb conversion frames/s with
+all cores vs one.
 
-    python bench/bench_data.py [--lmdb PATH] [--samples 300] [--rounds 3] [--repeat 12] [--input_dir SPLIT_ROOT]
+    python bench/bench_data.py [--reference_dir ../GR1-Training] [--lmdb PATH] [--samples 300] [--rounds 3]
+                               [--repeat 12] [--input_dir SPLIT_ROOT] [--skip_conversion]
 
-Loader: both readers on the same LMDB (default: ../shared/calvin/mini_calvin converted here: real rendered
-CALVIN frames), seq_len 10, chunk 10, random windows, items checked equal. Measured in this process on one thread
-and through a DataLoader with 1 worker (batch 8); rounds alternate between the readers and the median is reported,
-because a shared machine's load drifts. Conversion: the input's annotation windows repeated --repeat times (so that
-process start-up is amortised), converted with --workers 1 and with every core.
+Loader: on the same LMDB (default: ../shared/calvin/mini_calvin converted here: real rendered CALVIN frames), seq_len
+10, chunk 10, random windows. With --reference_dir (a local clone of EDiRobotics/GR1-Training, imported at run time,
+never committed) its LMDBDataset_jpeg.LMDBDataset reads the same windows and the items are checked equal to ours.
+Measured in this process on one thread and through a DataLoader with 1 worker (batch 8: the reference with
+DataLoader's default collate, as its Main.py; ours as make_loader sets it up), rounds alternating between the readers,
+medians reported. Also ours with frame_sharing=4 batches (continuing windows copy 9 of their 10 frames from the
+previous row instead of decoding them). The reference decodes with torchvision.io.decode_jpeg; where torchvision is not
+installed, the stand-in decodes with simplejpeg (Pillow without it), the decoder ours uses: both are libjpeg-turbo and
+give the same pixels, so the comparison then measures everything but the decoder library. Without --reference_dir
+only our own figures are printed. Conversion: the input's annotation windows repeated --repeat times (so that process
+start-up is amortised), converted with --workers 1 and with every core.
 """
 from __future__ import annotations
 
@@ -28,12 +35,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.reference_reader import ReferenceSchemaReader  # noqa: E402
-from data import calvin_format as cf  # noqa: E402
-from data.codec import loads_value  # noqa: E402
-from data.convert import convert  # noqa: E402
-from data.lmdb_dataset import LMDBDataset, collate_batch, ratio_window_range, read_index, reading  # noqa: E402
-from data.loader import reuse_worker_buffers  # noqa: E402
+from bench import real_reference as rr
+from data import calvin_format as cf
+from data.codec import loads_value
+from data.convert import convert
+from data.lmdb_dataset import LMDBDataset, close_lmdb, collate_batch, ratio_window_range, read_index, reading
+from data.loader import EpochSampler, reuse_worker_buffers
 
 MINI_CALVIN = os.path.join(os.path.dirname(ROOT), "shared", "calvin", "mini_calvin")
 T = K = 10
@@ -91,29 +98,61 @@ class EmptyItems(Dataset):
                 "gripper_state": torch.zeros(T, 2), "actions": torch.zeros(T, K, 7), "mask": torch.zeros(T, K)}
 
 
-def bench_loader(path: str, samples: int, rounds: int) -> None:
+def release(readers: dict[str, Dataset]) -> None:
+    """Close every reader's LMDB handle in this process (py-lmdb opens a file once per process; each reader opens
+    its own handle again when next used, and DataLoader workers their own)."""
+    for reader in readers.values():
+        if isinstance(reader, LMDBDataset):
+            close_lmdb(reader.index.path)
+            reader._pid = -1
+        elif hasattr(reader, "env"):  # GR1-Training's reader opens on first use and keeps env / txn
+            reader.txn.abort()
+            reader.env.close()
+            del reader.env, reader.txn
+
+
+def bench_loader(path: str, samples: int, rounds: int, reference_dir: str) -> None:
     index = read_index(path)
     first, count = ratio_window_range(index.num_steps, 0.0, 1.0, T, K)
     ours = LMDBDataset(index, T, K, "ee_rel_pose", first, count)
-    reference = ReferenceSchemaReader(path, T, K, "ee_rel_pose", 0.0, 1.0)
+    readers: dict[str, Dataset] = {}
+    if reference_dir:
+        ref = rr.import_reference(reference_dir)
+        print(ref.describe())
+        readers["reference"] = ref.lmdb.LMDBDataset(path, T, K, "ee_rel_pose", 7, 0.0, 1.0)
+    readers["ours"] = ours
     rng = random.Random(0)
     orders = [[rng.randrange(count) for _ in range(samples)] for _ in range(rounds)]
-    for i in orders[0][:20]:
-        a, b = ours[i], reference[i]
-        assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in b), f"item {i} differs"
+    if "reference" in readers:
+        for i in orders[0][:20]:
+            a = ours[i]
+            release(readers)
+            b = readers["reference"][i]
+            release(readers)
+            assert list(a) == list(b), f"item {i}: keys {list(a)} vs {list(b)}"
+            assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in b), f"item {i} differs"
+        print("  items of the reference reader and ours are equal (20 windows)")
     modes = ("in-process, 1 thread", "DataLoader, 1 worker")
-    results: dict[str, dict[str, list[float]]] = {mode: {"ref": [], "ours": []} for mode in modes}
-    for order in orders:
-        for name, dataset in (("ref", reference), ("ours", ours)):
-            results[modes[0]][name].append(in_process_rate(dataset, order))
-            results[modes[1]][name].append(loader_rate(dataset, order))
+    results: dict[str, dict[str, list[float]]] = {mode: {name: [] for name in readers} for mode in modes}
+    for r, order in enumerate(orders):
+        for name in readers if r % 2 == 0 else list(readers)[::-1]:
+            results[modes[0]][name].append(in_process_rate(readers[name], order))
+            release(readers)
+            results[modes[1]][name].append(loader_rate(readers[name], order))
+    shared = LMDBDataset(index, T, K, "ee_rel_pose", first, count)
+    shared.frame_groups = shared.window_groups(4)
+    grouped = EpochSampler(count, seed=0, groups=shared.frame_groups)
+    shared_rate = statistics.median(loader_rate(shared, list(grouped)[:samples]) for _ in orders)
     print(f"loader: {path}, {index.num_steps} steps, seq_len {T}, chunk {K}, {samples} random windows x {rounds} "
           f"rounds (median), torch threads {torch.get_num_threads()}")
     for mode, rates in results.items():
-        ref, ours_rate = statistics.median(rates["ref"]), statistics.median(rates["ours"])
-        print(f"  {mode:22s} per-key reference reader {ref:7.1f} samples/s ({1000 / ref:5.1f} ms)   ours "
-              f"{ours_rate:7.1f} samples/s ({1000 / ours_rate:5.1f} ms)   speed-up {ours_rate / ref:4.1f}x "
-              f"(target >= 5x)")
+        line = "   ".join(f"{name} {statistics.median(v):7.1f} samples/s ({1000 / statistics.median(v):5.1f} ms)"
+                          for name, v in rates.items())
+        if "reference" in rates:
+            line += f"   speed-up {statistics.median(rates['ours']) / statistics.median(rates['reference']):4.1f}x"
+        print(f"  {mode:22s} {line}")
+    print(f"  DataLoader, 1 worker, frame_sharing=4 batches: ours {shared_rate:7.1f} samples/s "
+          f"({1000 / shared_rate:5.1f} ms)")
     decode = jpeg_share(path, ours, orders[0])
     transfer = statistics.median(loader_rate(EmptyItems(), order) for order in orders)
     print(f"  JPEG decoding alone ({cf.JPEG_DECODER}, libjpeg-turbo): {decode * 1000:.1f} ms per sample, "
@@ -159,7 +198,8 @@ def bench_conversion(input_dir: str, repeat: int, workdir: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=rr.STAND_IN_HELP)
+    parser.add_argument("--reference_dir", default="", help="local clone of EDiRobotics/GR1-Training")
     parser.add_argument("--lmdb", default="", help="LMDB to read (default: mini_calvin converted to a temp dir)")
     parser.add_argument("--input_dir", default=MINI_CALVIN, help="CALVIN split root for the conversion benchmark")
     parser.add_argument("--samples", type=int, default=300, help="random windows per reader and round")
@@ -168,14 +208,14 @@ def main() -> None:
     parser.add_argument("--skip_conversion", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # what a DataLoader worker gets
-    print(f"{os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}, JPEG decoder {cf.JPEG_DECODER} "
-          "(both readers)")
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}, our JPEG decoder "
+          f"{cf.JPEG_DECODER}, load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory() as workdir:
         path = args.lmdb
         if not path:
             path = os.path.join(workdir, "mini_lmdb")
             convert(args.input_dir, path, workers=1, progress=False)
-        bench_loader(path, args.samples, args.rounds)
+        bench_loader(path, args.samples, args.rounds, args.reference_dir)
         if not args.skip_conversion:
             bench_conversion(args.input_dir, args.repeat, workdir)
 

@@ -1,140 +1,246 @@
-"""Training throughput of the full-size GR-1: this project's training step vs the same step written the way
-GR1-Training's Main.py runs it.
+"""Training step of the full-size GR-1: the real GR1-Training code vs ours, same weights, same batches.
 
-    python bench/bench_train.py [--batch 1] [--steps 3] [--threads 2] [key=value ...]
+    python bench/bench_train.py --reference_dir ../GR1-Training [--batch 1] [--rounds 6] [--threads 2]
+                                [--frame_sharing 1] [--device cpu|cuda] [--precision fp32|bf16] [--compile]
+                                [--memory] [key=value ...]
 
-Reference-style step (written here, from GR1_REFERENCE.md): frozen MAE and CLIP called with autograd enabled, each
-camera through the MAE separately with the reference ViT's attention arithmetic, CLIP text re-encoded every step,
-GPT-2 building its KV cache, every timestep's frames decoded, GR1-Training's masked_loss. Ours: training.py's
-compute_losses (frozen encoders under no_grad with fused attention, both cameras in one MAE batch, text embeddings
-cached, no KV cache, the last skip_frame steps not decoded, padded frames not encoded).
+With --reference_dir (a local clone of EDiRobotics/GR1-Training, imported at run time, never committed) the
+reference's GR1 is built as its Main.py builds it, with random full-size weights (configs.json unless overridden),
+and its whole state dict goes into our model through our converter, so both hold the same weights. Each round runs
+one optimiser step of each (reference: PreProcess.rgb_process, GR1.forward, Main.py's masked_loss x 4, backward,
+AdamW fused as its Main.py; ours: training.py's compute_losses, backward, make_optimizer's AdamW) on the same
+batch with the same random shifts, alternating which goes first; round 0 is a warm-up. Prints every step, the
+medians, the ratio of the medians and the median of the per-round ratios, and the largest relative difference of
+the two losses over the rounds. GPT-2 dropout is 0 in both, so that the losses can be compared step by step.
+Without --reference_dir only our own figures are printed.
 
-Both start from the same weights and see the same batches and random shifts, CPU fp32. GPT-2 dropout is switched
-off in both so that the losses of the two can be compared step by step (dropout masks depend on tensor shapes).
-Prints samples/s of each, the ratio (target >= 1.3x) and the largest relative difference of their losses.
+--frame_sharing G feeds ours batches of groups of G consecutive windows of one episode, as the training sampler does
+with frame_sharing=G (the reference gets the same windows, each encoded on its own). One random shift is then drawn
+per group, so the two losses are no longer comparable step by step (tests/test_frame_sharing.py checks that each
+window gets the features and losses of that window encoded alone with the group's shift).
+
+--device cuda --precision bf16 runs both under torch.autocast(bfloat16), as accelerate's mixed precision does (the
+reference's CLIP in fp16, as clip.load gives it on CUDA). --memory measures the peak memory of a few steps of each in
+separate processes. --compile also times our step with torch.compile (compile_model) and compares its losses.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import math
+import contextlib
 import os
+import resource
 import statistics
+import subprocess
 import sys
-import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import Config, load_config  # noqa: E402
-from data.preprocess import ImagePreprocessor  # noqa: E402
-from models.build import build_model, set_exact_attention  # noqa: E402
-from training import compute_losses  # noqa: E402
+from bench import real_reference as rr
+from config import Config, load_config
+from data.lmdb_dataset import SHARES_PREVIOUS
+from data.loader import HOST_FRAME_MASK, HOST_KEYS
+from data.preprocess import ImagePreprocessor
+from models.build import build_model
+from training import compute_losses, make_optimizer
 
 
-def reference_losses(gr1, encoders, pre, batch: dict, cfg: Config) -> dict[str, torch.Tensor]:
-    from models.losses import pixel_targets
-    static, gripper = pre.process(batch["rgb_static"], batch["rgb_gripper"], train=True)
-    B, T = static.shape[:2]
-    feats = {}
-    for cam, images in (("static", static), ("gripper", gripper)):  # two MAE calls, autograd enabled
-        cls, patches = encoders.mae(images.flatten(0, 1))
-        feats[cam] = (cls.unflatten(0, (B, T)), patches.unflatten(0, (B, T)))
-    emb = encoders.clip_text(batch["inst_token"].long())  # re-encoded every step
-    lang = (emb / (emb.norm(dim=1, keepdim=True) + 1e-6)).float()
-    obs_mask = batch["mask"][..., 0]
-    out = gr1(lang, batch["arm_state"], batch["gripper_state"], feats, obs_mask)  # every step decoded
-    normalize = not cfg.without_norm_pixel_loss
-    losses = {f"rgb_{cam}": _ref_loss(out[f"rgb_{cam}_pred"], pixel_targets(img, cfg.patch_size, normalize),
-                                      obs_mask, cfg.skip_frame, F.mse_loss)
-              for cam, img in (("static", static), ("gripper", gripper))}
-    losses["action_arm"] = _ref_loss(out["arm_action"], batch["actions"][..., :6], batch["mask"], 0,
-                                     F.smooth_l1_loss)
-    losses["action_gripper"] = _ref_loss(out["gripper_action"], batch["actions"][..., -1:], batch["mask"], 0,
-                                         F.binary_cross_entropy_with_logits)
-    losses["total"] = (losses["rgb_static"] + losses["rgb_gripper"] + cfg.arm_loss_ratio * losses["action_arm"]
-                       + losses["action_gripper"])
-    return losses
-
-
-def _ref_loss(pred, target, mask, skip, fn):
-    """GR1-Training's masked_loss: drop the last `skip` predictions and the first `skip` targets / mask entries."""
-    if skip:
-        pred = pred[:, :-skip]
-    target, mask = target[:, skip:], mask[:, skip:]
-    loss = fn(pred, target, reduction="none")
-    per_entry = math.prod(pred.shape[mask.dim():])
-    mask = mask.reshape(mask.shape + (1,) * (loss.dim() - mask.dim()))
-    return (loss * mask).sum() / mask.sum() / per_entry
-
-
-def synthetic_batch(cfg: Config, B: int, seed: int) -> dict[str, torch.Tensor]:
+def synthetic_batch(cfg: Config, B: int, seed: int, frame_sharing: int, device: torch.device
+                    ) -> dict[str, torch.Tensor]:
+    """B windows in groups of frame_sharing consecutive windows of one synthetic episode (1: independent windows)."""
     g = torch.Generator().manual_seed(seed)
-    T, K = cfg.seq_len, cfg.chunk_size
-    actions = torch.rand(B, T, K, 7, generator=g) * 2 - 1
-    actions[..., 6] = (actions[..., 6] > 0).float()
-    return {"rgb_static": torch.randint(0, 256, (B, T, 3, 200, 200), dtype=torch.uint8, generator=g),
-            "rgb_gripper": torch.randint(0, 256, (B, T, 3, 84, 84), dtype=torch.uint8, generator=g),
-            "inst_token": torch.randint(1, 49405, (B, 77), dtype=torch.int32, generator=g),
-            "arm_state": torch.randn(B, T, 6, generator=g),
-            "gripper_state": F.one_hot(torch.randint(0, 2, (B, T), generator=g), 2).float(),
-            "actions": actions, "mask": torch.ones(B, T, K)}
+    T, K, G = cfg.seq_len, cfg.chunk_size, frame_sharing
+    groups = -(-B // G)
+    span = T + G - 1  # steps of one group's episode piece
+    static = torch.randint(0, 256, (groups, span, 3, 200, 200), dtype=torch.uint8, generator=g)
+    gripper = torch.randint(0, 256, (groups, span, 3, 84, 84), dtype=torch.uint8, generator=g)
+    arm = torch.randn(groups, span, 6, generator=g)
+    grip = F.one_hot(torch.randint(0, 2, (groups, span), generator=g), 2).float()
+    steps = torch.rand(groups, span + K - 1, 7, generator=g) * 2 - 1
+    steps[..., 6] = (steps[..., 6] > 0).float()
+    windows = [(k, j) for k in range(groups) for j in range(G)][:B]
+    frames = [slice(j, j + T) for _, j in windows]
+    chunk = torch.arange(T)[:, None] + torch.arange(K)[None, :]  # (T, K) step offsets
+    batch = {"rgb_static": torch.stack([static[k, f] for (k, _), f in zip(windows, frames)]),
+             "rgb_gripper": torch.stack([gripper[k, f] for (k, _), f in zip(windows, frames)]),
+             "inst_token": torch.randint(1, 49405, (1, 77), dtype=torch.int32, generator=g).expand(B, 77).clone(),
+             "arm_state": torch.stack([arm[k, f] for (k, _), f in zip(windows, frames)]),
+             "gripper_state": torch.stack([grip[k, f] for (k, _), f in zip(windows, frames)]),
+             "actions": torch.stack([steps[k, j + chunk] for k, j in windows]), "mask": torch.ones(B, T, K)}
+    if G > 1:
+        batch[SHARES_PREVIOUS] = torch.tensor([j > 0 for _, j in windows])
+    moved = {k: v if k in HOST_KEYS else v.to(device) for k, v in batch.items()}  # as DevicePrefetcher
+    return {**moved, HOST_FRAME_MASK: batch["mask"][..., 0]}
 
 
-def run(name: str, step_fn, gr1, batches, seed: int) -> tuple[list[float], list[float]]:
-    optimizer = torch.optim.AdamW([p for p in gr1.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
-    times, losses = [], []
-    for i, batch in enumerate(batches):
-        torch.manual_seed(seed + i)  # same random shifts for both paths
-        start = time.perf_counter()
+def frame_sharing_bound(ref, model, pre, cfg: Config, batch: dict) -> str:
+    """The speed-up frame sharing can give by FLOPs, counting only the MAE frames it saves: FLOPs of one reference
+    training step at batch 1 (FlopCounterMode; CPU SDPA kernels, GPT-2's attention here, have no formula: < 2 %),
+    minus the MAE's share for the frames not encoded."""
+    from torch.utils.flop_counter import FlopCounterMode
+    shares = batch[SHARES_PREVIOUS].numpy()
+    sizes = np.diff(np.r_[np.flatnonzero(~shares), len(shares)])
+    frames = sum(cfg.seq_len + n - 1 for n in sizes) / len(shares)  # distinct frames per window and camera
+    one = {k: v[:1] for k, v in batch.items() if k != SHARES_PREVIOUS}
+    with FlopCounterMode(display=False) as counter:
+        rr.reference_losses(ref, model, pre, one, cfg)["total"].backward()
+    model.zero_grad(set_to_none=True)
+    total = counter.get_total_flops()
+    mae = sum(counter.get_flop_counts().get("GR1.model_mae", {}).values())
+    bound = total / (total - mae * (1 - frames / cfg.seq_len))
+    return (f"FLOP bound of frame sharing (MAE frames only): {bound:.2f}x ({frames:.2f} instead of {cfg.seq_len} MAE "
+            f"frames per window and camera; reference step {total / 1e9:.0f} GFLOP per sample, MAE {mae / 1e9:.0f})")
+
+
+def reference_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """GR1-Training's Main.py: AdamW(model.parameters(), fused=True) (frozen parameters never get a gradient)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr_max, weight_decay=cfg.weight_decay, fused=True)
+
+
+def step_fn(losses_fn, optimizer, batches, seeds, autocast, record: list):
+    def step(r: int) -> None:
+        torch.manual_seed(seeds[r])  # the same random shifts for both
         optimizer.zero_grad(set_to_none=True)
-        loss = step_fn(batch)["total"]
-        loss.backward()
+        with autocast():
+            losses = losses_fn(batches[r])
+        losses["total"].backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        print(f"  {name} step {i}: {times[-1]:.2f} s, loss {losses[-1]:.6f}", flush=True)
-    return times, losses
+        record.append(losses["total"].detach())
+    return step
+
+
+def build_ours(cfg: Config, device: torch.device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random encoders: this measures speed
+        encoders, gr1, _ = build_model(cfg, device, weights=None)
+    return encoders, gr1.train()
+
+
+def memory_child(args, cfg: Config, device: torch.device) -> None:
+    """--only NAME: a few steps of one path in this process, then its peak memory (random weights, same sizes)."""
+    batches = [synthetic_batch(cfg, args.batch, s, args.frame_sharing, device) for s in range(3)]
+    autocast = _autocast(args, device)
+    if args.only == "reference":
+        ref = rr.import_reference(args.reference_dir)
+        model = rr.build_reference_gr1(ref, cfg, device).train()
+        pre = rr.reference_preprocessor(ref, cfg, device)
+        step = step_fn(lambda b: rr.reference_losses(ref, model, pre, b, cfg), reference_optimizer(model, cfg),
+                       batches, range(3), autocast, [])
+    else:
+        encoders, gr1 = build_ours(cfg, device)
+        pre = ImagePreprocessor(cfg, device)
+        step = step_fn(lambda b: compute_losses(gr1, encoders, pre, b, cfg, train=True),
+                       make_optimizer(gr1, cfg, device), batches, range(3), autocast, [])
+    for r in range(3):
+        step(r)
+    if device.type == "cuda":
+        print(f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    else:
+        print(f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+def measure_memory(args) -> None:
+    paths = ["ours"] + (["reference"] if args.reference_dir else [])
+    peaks = {}
+    for name in paths:
+        cmd = [sys.executable, os.path.abspath(__file__), "--only", name, *sys.argv[1:]]
+        cmd.remove("--memory")
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        peaks[name] = float(out.split()[1])
+    what = "GPU memory allocated" if args.device == "cuda" else "RSS"
+    line = "  ".join(f"{name} {peak:.2f} GiB" for name, peak in peaks.items())
+    change = f"  ({peaks['ours'] / peaks['reference'] - 1:+.0%})" if "reference" in peaks else ""
+    print(f"peak {what}, batch {args.batch}, 3 training steps, separate processes: {line}{change}")
+
+
+def _autocast(args, device: torch.device):
+    if args.precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=rr.STAND_IN_HELP)
+    parser.add_argument("--reference_dir", default="", help="local clone of EDiRobotics/GR1-Training")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up step)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of one step each (round 0 is a warm-up)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--frame_sharing", type=int, default=1, help="windows per group in our batches")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--compile", action="store_true", help="also time our step with torch.compile")
+    parser.add_argument("--memory", action="store_true", help="measure peak memory instead (separate processes)")
+    parser.add_argument("--only", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=None, help="config file (default: configs.json, full size)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, ["mae_ckpt=", "clip_ckpt=", "clip_precision=fp32", "dropout=0.0", *args.overrides])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random encoders: this measures speed
-        encoders, gr1, _ = build_model(cfg, "cpu", weights=None)
-    for m in gr1.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0  # incl. GPT-2's embedding dropout (fixed at 0.1 as in GR1-Training)
-    gr1.train()
-    pre = ImagePreprocessor(cfg, "cpu")
-    batches = [synthetic_batch(cfg, args.batch, s) for s in range(args.steps + 1)]
+    device = torch.device(args.device)
+    cfg = load_config(args.config, ["mae_ckpt=", "clip_ckpt=", "clip_precision=auto", "dropout=0.0",
+                             f"frame_sharing={args.frame_sharing}", *args.overrides])
+    if args.only:
+        return memory_child(args, cfg, device)
+    if args.memory:
+        return measure_memory(args)
 
-    ref_gr1, ref_encoders = copy.deepcopy(gr1), copy.deepcopy(encoders)
-    set_exact_attention(ref_gr1, True)
-    set_exact_attention(ref_encoders, True)
-    ref_gr1.transformer.config.use_cache = True  # GR1-Training's GPT2Config default: a KV cache every forward
-    print(f"GR-1 training step, full size, CPU fp32, batch {args.batch}, {args.threads} threads, "
-          f"torch {torch.__version__}")
-    with torch.enable_grad():
-        ref_t, ref_l = run("reference", lambda b: reference_losses(ref_gr1, ref_encoders, pre, b, cfg), ref_gr1,
-                           batches, 1000)
-    ours_t, ours_l = run("ours", lambda b: compute_losses(gr1, encoders, pre, b, cfg, train=True), gr1, batches,
-                         1000)
-    ref_s, ours_s = statistics.median(ref_t[1:]), statistics.median(ours_t[1:])
-    rel = max(abs(a - b) / abs(a) for a, b in zip(ref_l, ours_l))
-    print(f"  reference: {args.batch / ref_s:.3f} samples/s (median step {ref_s:.2f} s)")
-    print(f"  ours:      {args.batch / ours_s:.3f} samples/s (median step {ours_s:.2f} s)")
-    print(f"  speed-up {ref_s / ours_s:.2f}x (target >= 1.3x); max relative loss difference {rel:.1e}")
+    encoders, gr1 = build_ours(cfg, device)
+    paths, records, autocast = {}, {}, _autocast(args, device)
+    batches = [synthetic_batch(cfg, args.batch, 100 + r, args.frame_sharing, device) for r in range(args.rounds)]
+    seeds = [1000 + r for r in range(args.rounds)]
+    if args.reference_dir:
+        ref, model, ref_pre = rr.reference_beside_ours(args.reference_dir, cfg, device, gr1, encoders)
+        model.train()
+        if args.frame_sharing > 1:
+            bound = frame_sharing_bound(ref, model, ref_pre, cfg, batches[0])
+        records["reference"] = []
+        paths["reference"] = step_fn(lambda b: rr.reference_losses(ref, model, ref_pre, b, cfg),
+                                     reference_optimizer(model, cfg), batches, seeds, autocast, records["reference"])
+    pre = ImagePreprocessor(cfg, device)
+    records["ours"] = []
+    paths["ours"] = step_fn(lambda b: compute_losses(gr1, encoders, pre, b, cfg, train=True),
+                            make_optimizer(gr1, cfg, device), batches, seeds, autocast, records["ours"])
+    if args.compile:
+        import copy
+        compiled = torch.compile(copy.deepcopy(gr1))
+        records["compiled"] = []
+        paths["compiled"] = step_fn(lambda b: compute_losses(compiled, encoders, pre, b, cfg, train=True),
+                                    make_optimizer(compiled, cfg, device), batches, seeds, autocast,
+                                    records["compiled"])
+    print(f"GR-1 training step, {os.path.basename(args.config or 'configs.json')}, batch {args.batch}, frame_sharing "
+          f"{args.frame_sharing}, {args.precision}, {rr.machine_line(device, args.threads)}")
+    timings = rr.alternate(paths, args.rounds, device, args.threads)
+    report(args, timings, records)
+    if args.reference_dir and args.frame_sharing > 1:
+        print(f"  {bound}")
+
+
+def report(args, timings: dict[str, rr.Timing], records: dict[str, list]) -> None:
+    for t in timings.values():  # round 0 is the warm-up
+        del t.wall[0], t.cpu_share[0]
+    print(f"  {args.rounds - 1} timed rounds (medians; per-round CPU share near 1.0 = this process had the CPU):")
+    for name, t in timings.items():
+        print(f"  {name:>9s}: {args.batch / t.median():8.3f} samples/s (median step {t.median():.3f} s, min "
+              f"{min(t.wall):.3f}, max {max(t.wall):.3f}, CPU share {statistics.median(t.cpu_share):.2f})")
+    ours = timings["ours"]
+    for name in [n for n in timings if n != "ours"]:
+        base = timings[name]
+        ratios = rr.paired_ratios(base, ours)
+        label = f"ours vs {name}" if name == "reference" else f"{name} vs ours"
+        speed = base.median() / ours.median() if name == "reference" else ours.median() / base.median()
+        pr = statistics.median(ratios) if name == "reference" else statistics.median(1 / x for x in ratios)
+        print(f"  speed-up {label}: {speed:.2f}x (ratio of medians), {pr:.2f}x (median of per-round ratios)")
+        a = torch.stack(records[name]).float().cpu()
+        b = torch.stack(records["ours"]).float().cpu()
+        rel = ((a - b).abs() / a.abs()).max().item()
+        if name == "reference" and args.frame_sharing > 1:
+            print(f"  losses not compared step by step: frame sharing draws one random shift per group "
+                  f"(max relative difference {rel:.1e})")
+        else:
+            print(f"  max relative difference of the total loss over {len(a)} steps ({name} vs ours): {rel:.1e}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from config import Config, ConfigError, expand_path
 from data import calvin_format as cf
 from data.codec import LMDBValueError, loads_value
 
+SHARES_PREVIOUS = "shares_previous"  # frame sharing's batch key: bool (B,), window b is the one after b - 1 in a group
+
 
 class DatasetError(ConfigError):
     """The LMDB cannot give the requested split; the message says what to fix. (A ConfigError, so that entry points
@@ -178,6 +180,10 @@ class LMDBDataset(Dataset):
     rgb_static uint8 (T, 3, 200, 200), rgb_gripper uint8 (T, 3, 84, 84), inst_token int32 (77,),
     arm_state float32 (T, 6), gripper_state float32 (T, 2) one-hot, actions float32 (T, K, 7) with the gripper
     in {0, 1}, mask float32 (T, K). Deterministic per index.
+
+    With frame_groups set (frame sharing, make_loader) items also have SHARES_PREVIOUS, bool (): in a batch
+    (__getitems__) True where the window is the one after the previous row's window in the same group (its first
+    T - 1 frames are then copied from that row, not decoded again); False for an item read alone.
     """
 
     def __init__(self, index: LMDBIndex, seq_len: int, chunk_size: int, action_mode: str, first_step: int,
@@ -199,6 +205,7 @@ class LMDBDataset(Dataset):
         self.reuse_buffers = 0
         self._ring: list[dict[str, torch.Tensor]] = []
         self._ring_pos, self._ring_pid = 0, -1
+        self.frame_groups: np.ndarray | None = None  # window_groups(g) with frame sharing (set by make_loader)
 
     def __len__(self) -> int:
         return self.num_items
@@ -234,19 +241,43 @@ class LMDBDataset(Dataset):
         valid[:len(episodes)] = episodes == episodes[0]
         return valid
 
+    def window_groups(self, size: int) -> np.ndarray:
+        """int64 (num_items,) group id of each window: the windows starting in one segment, cut in index order into
+        groups of `size` consecutive windows (a segment's last group can be smaller). Groups never cross segments,
+        so the windows of a group share all but one frame with their neighbours."""
+        episodes = self.index.episode_of_step[self.first_step:self.first_step + self.num_items]
+        new_run = np.r_[True, episodes[1:] != episodes[:-1]]
+        run_start = np.maximum.accumulate(np.where(new_run, np.arange(self.num_items), 0))
+        starts_group = (np.arange(self.num_items) - run_start) % size == 0
+        return np.cumsum(starts_group) - 1
+
     def item_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of each entry of an item (the instruction tokens' dtype is the LMDB's own)."""
         T, K = self.seq_len, self.chunk_size
         tokens = self._inst_token(int(self.index.episode_of_step[self.first_step]))
         shapes = {cam: ((T, 3, size, size), np.dtype(np.uint8)) for cam, size in cf.CAMERA_SIZES.items()}
-        return {**shapes, "inst_token": (tokens.shape, tokens.dtype), "arm_state": ((T, cf.ARM_DIM), np.float32),
-                "gripper_state": ((T, 2), np.float32), "actions": ((T, K, cf.ACTION_DIM), np.float32),
-                "mask": ((T, K), np.float32)}
+        shapes = {**shapes, "inst_token": (tokens.shape, tokens.dtype), "arm_state": ((T, cf.ARM_DIM), np.float32),
+                  "gripper_state": ((T, 2), np.float32), "actions": ((T, K, cf.ACTION_DIM), np.float32),
+                  "mask": ((T, K), np.float32)}
+        if self.frame_groups is not None:
+            shapes[SHARES_PREVIOUS] = ((), np.dtype(np.bool_))
+        return shapes
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         item = {k: torch.from_numpy(np.empty(shape, dtype)) for k, (shape, dtype) in self.item_shapes().items()}
         self.fill(idx, {k: v.numpy() for k, v in item.items()})
+        if SHARES_PREVIOUS in item:
+            item[SHARES_PREVIOUS].fill_(False)
         return item
+
+    def shares_previous(self, indices: list[int]) -> np.ndarray:
+        """bool (len(indices),): True where indices[j] is the window after indices[j - 1] in the same group."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.zeros(len(idx), dtype=bool)
+        if self.frame_groups is not None and len(idx) > 1:
+            groups = self.frame_groups[idx]
+            out[1:] = (idx[1:] == idx[:-1] + 1) & (groups[1:] == groups[:-1])
+        return out
 
     def __getitems__(self, indices: list[int]) -> CollatedBatch:
         """The batch of `indices`, each item written straight into one buffer per entry (in shared memory inside a
@@ -258,8 +289,16 @@ class LMDBDataset(Dataset):
         else:
             batch = self._new_batch_buffers(len(indices), in_worker)
         arrays = {k: v.numpy() for k, v in batch.items()}
+        shares = self.shares_previous(indices)
         for row, idx in enumerate(indices):
-            self.fill(idx, {k: a[row] for k, a in arrays.items()})
+            known = 0
+            if shares[row]:  # the same steps, one later: shift the previous row's frames instead of decoding them
+                for cam in cf.CAMERA_SIZES:
+                    arrays[cam][row, :-1] = arrays[cam][row - 1, 1:]
+                known = self.seq_len - 1
+            self.fill(idx, {k: a[row] for k, a in arrays.items()}, known_frames=known)
+        if SHARES_PREVIOUS in arrays:
+            arrays[SHARES_PREVIOUS][...] = shares
         return CollatedBatch(batch)
 
     def _next_shared_buffers(self, n: int) -> dict[str, torch.Tensor]:
@@ -279,8 +318,10 @@ class LMDBDataset(Dataset):
         """Uninitialised (n, ...) tensors, one per item entry."""
         return {k: empty_tensor((n,) + tuple(shape), dtype, shared) for k, (shape, dtype) in self.item_shapes().items()}
 
-    def fill(self, idx: int, out: dict[str, np.ndarray]) -> None:
-        """Writes item `idx` into the arrays `out` (shapes and dtypes of item_shapes(); their contents are ignored)."""
+    def fill(self, idx: int, out: dict[str, np.ndarray], known_frames: int = 0) -> None:
+        """Writes item `idx` into the arrays `out` (shapes and dtypes of item_shapes(); their contents are ignored,
+        except the first `known_frames` camera frames, which the caller has already written; SHARES_PREVIOUS is
+        the caller's too)."""
         if not 0 <= idx < self.num_items:
             raise IndexError(f"index {idx} out of range for {self.num_items} windows")
         T, K = self.seq_len, self.chunk_size
@@ -308,6 +349,8 @@ class LMDBDataset(Dataset):
                 out["gripper_state"][i, cf.gripper_state_index(robot_obs[-1])] = 1
             except (ValueError, OverflowError) as e:  # not -1 / +1, NaN or inf
                 raise DatasetError(f"LMDB {self.index.path}, key {key.decode()}: {e}") from None
+            if i < known_frames:
+                continue
             for cam, size in cf.CAMERA_SIZES.items():
                 key = cf.step_key(cam, step + i)
                 jpeg = self._get(key)

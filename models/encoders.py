@@ -14,6 +14,7 @@ Shape key: B batch, N images, P patches, D width, L context length (77).
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -122,6 +123,11 @@ class FrozenEncoders(nn.Module):
 
     Text embeddings are cached per instruction (CALVIN has a few hundred distinct ones) because the weights never
     change; the cache is keyed by token ids and lives on the encoders' device.
+
+    The MAE runs under torch.inference_mode (no autograd bookkeeping at all). Under autocast to a lower precision
+    (bf16 mixed-precision training on GPU) it runs a copy whose Linear / Conv2d weights are stored in that precision:
+    autocast would cast the frozen fp32 weights to the same values at every call (it caches casts only for weights
+    that require grad), so the features are the same, without the casts.
     """
 
     def __init__(self, mae: MAEEncoder, clip_text: CLIPTextEncoder, text_dtype: torch.dtype = torch.float32):
@@ -131,39 +137,65 @@ class FrozenEncoders(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self._text_cache: dict[bytes, torch.Tensor] = {}
+        self._cast_mae: dict[tuple, MAEEncoder] = {}  # at most one: (dtype, weights' versions) -> cast copy
 
     def train(self, mode: bool = True) -> FrozenEncoders:
         return super().train(False)  # frozen encoders never switch to training mode
 
     def _apply(self, fn, recurse=True):
-        self._text_cache = {}  # moved or cast: cached embeddings are stale
+        self._text_cache, self._cast_mae = {}, {}  # moved or cast: cached embeddings and copies are stale
         return super()._apply(fn, recurse)
 
-    @torch.no_grad()
+    def _image_encoder(self) -> MAEEncoder:
+        """The MAE, or under autocast to another dtype its copy with matmul weights stored in that dtype (made once,
+        and again if the MAE's weights are loaded or changed in place)."""
+        device_type = self.mae.pos_embed.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return self.mae
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype == self.mae.pos_embed.dtype:
+            return self.mae
+        key = (dtype, sum(p._version for p in self.mae.parameters()))
+        if key not in self._cast_mae:
+            cast = copy.deepcopy(self.mae)
+            for module in cast.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):  # what autocast runs in `dtype`; norms stay fp32
+                    module.to(dtype)
+            self._cast_mae = {key: cast}
+        return self._cast_mae[key]
+
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, S, S) normalised images -> cls (N, D), patches (N, P, D)."""
-        return self.mae(images)
+        cls, patches = self.encode_frames({"images": images[:, None]})["images"]
+        return cls[:, 0], patches[:, 0]
 
-    @torch.no_grad()
     def encode_frames(self, images: dict[str, torch.Tensor], frame_mask: torch.Tensor | None = None
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """images[cam] (B, T, 3, S, S) -> features[cam] = (cls (B, T, F), patches (B, T, P, F)).
 
         All cameras go through the MAE in one batch. With frame_mask (B, T), padded frames are not encoded (their
         features are zero): GR-1 hides padded frames' tokens from every other token, so this changes no output.
+        A frame_mask on the host (while the images are on a GPU) chooses the frames without waiting for the device.
         """
-        cams = list(images)
-        B, T = images[cams[0]].shape[:2]
-        flat = torch.cat([images[c].flatten(0, 1) for c in cams])  # (n_cams B T, 3, S, S)
-        valid = None if frame_mask is None else (frame_mask.flatten() > 0).repeat(len(cams))
-        if valid is None or bool(valid.all()):
-            cls, patches = self.mae(flat)
-        else:
-            cls_v, patches_v = self.mae(flat[valid])
-            cls = cls_v.new_zeros((flat.shape[0],) + cls_v.shape[1:])
-            patches = patches_v.new_zeros((flat.shape[0],) + patches_v.shape[1:])
-            cls[valid], patches[valid] = cls_v, patches_v
-        cls, patches = cls.unflatten(0, (len(cams), B, T)), patches.unflatten(0, (len(cams), B, T))
+        mae = self._image_encoder()
+        with torch.inference_mode():
+            cams = list(images)
+            B, T = images[cams[0]].shape[:2]
+            flat = torch.cat([images[c].flatten(0, 1) for c in cams])  # (n_cams B T, 3, S, S)
+            valid = None if frame_mask is None else (frame_mask.flatten() > 0).repeat(len(cams))
+            if valid is None or bool(valid.all()):
+                cls, patches = mae(flat)
+            else:
+                index = valid.nonzero()[:, 0]  # (N,) frames to encode
+                if index.device != flat.device:
+                    index = (index.pin_memory() if flat.is_cuda else index).to(flat.device, non_blocking=True)
+                cls_v, patches_v = mae(flat.index_select(0, index))
+                cls = cls_v.new_zeros((flat.shape[0],) + cls_v.shape[1:])
+                patches = patches_v.new_zeros((flat.shape[0],) + patches_v.shape[1:])
+                cls[index], patches[index] = cls_v, patches_v
+            cls, patches = cls.unflatten(0, (len(cams), B, T)), patches.unflatten(0, (len(cams), B, T))
+        if torch.is_grad_enabled():  # the trainable layers save their inputs for backward: inference tensors can't be
+            cls, patches = cls.clone(), patches.clone()
         return {c: (cls[i], patches[i]) for i, c in enumerate(cams)}
 
     @torch.no_grad()
@@ -186,6 +218,7 @@ class FrozenEncoders(nn.Module):
         return torch.stack([self._text_cache[k] for k in keys])
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.clip_text.positional_embedding.device)  # token ids may come from the host
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             emb = self.clip_text(tokens.long())
             # Faithful to GR1-Training: divide by (norm + 1e-6) in CLIP's dtype, then cast to float.

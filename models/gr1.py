@@ -211,16 +211,21 @@ class GR1(nn.Module):
 
     def forward(self, lang: torch.Tensor, arm_state: torch.Tensor, gripper_state: torch.Tensor,
                 features: dict[str, tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor,
-                keep: Keep | None = None) -> dict[str, torch.Tensor]:
+                keep: Keep | None = None, frame_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Predictions from frozen-encoder features (the training path; DDP wraps this call).
 
         lang (B, E) normalised CLIP embedding; arm_state (B, T, 6); gripper_state (B, T, 2) one-hot;
         features[cam] = MAE (cls (B, T, F), patches (B, T, P, F)); attention_mask (B, T) 1 for valid timesteps.
+        With frame_index (B, T) long (frame sharing), features[cam] = (cls (N, F), patches (N, P, F)) of N distinct
+        frames, window b's frame t being frame frame_index[b, t]: each distinct frame is resampled once.
         See predict() for the outputs.
         """
         B, T = arm_state.shape[:2]
         frames = {}
         for cam, (cls, patches) in features.items():
+            if frame_index is not None:
+                frames[cam] = self.frame_tokens(cls, patches, cam)[frame_index]  # (B, T, Q+1, D)
+                continue
             tokens = self.frame_tokens(cls.flatten(0, 1), patches.flatten(0, 1), cam)  # (B T, Q+1, D)
             frames[cam] = tokens.unflatten(0, (B, T))
         return self.predict(lang, arm_state, gripper_state, frames, attention_mask, keep)

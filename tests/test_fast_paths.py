@@ -1,0 +1,78 @@
+"""Speed paths that must not change numbers: the frozen MAE's low-precision copy under autocast, frames chosen from a
+host mask, and the logged losses read back once per log line."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from config import load_config
+from conftest import ROOT
+from models.build import build_encoders
+from training import detached, empty_totals, mean_losses
+
+TINY = os.path.join(ROOT, "configs", "tiny.json")
+
+
+def _encoders_and_images():
+    cfg = load_config(TINY)
+    encoders = build_encoders(cfg)
+    g = torch.Generator().manual_seed(0)
+    images = {cam: torch.randn(2, 3, 3, cfg.rgb_shape, cfg.rgb_shape, generator=g) for cam in ("static", "gripper")}
+    return encoders, images
+
+
+def _direct(encoders, images):
+    """The MAE called on the frames as they are, with its fp32 weights (autocast casts them at every call)."""
+    flat = torch.cat([x.flatten(0, 1) for x in images.values()])
+    with torch.no_grad():
+        return encoders.mae(flat)
+
+
+def test_low_precision_copy_gives_what_autocast_gives():
+    encoders, images = _encoders_and_images()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _direct(encoders, images)
+        features = encoders.encode_frames(images)
+    (copy,) = encoders._cast_mae.values()
+    assert copy.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16 and copy.norm.weight.dtype == torch.float32
+    got = [torch.cat([features[cam][i].flatten(0, 1) for cam in images]) for i in range(2)]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    # new weights (loaded in place) are seen: the copy is made again
+    with torch.no_grad():
+        encoders.mae.blocks[0].mlp.fc1.weight.mul_(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _direct(encoders, images)
+        features = encoders.encode_frames(images)
+    assert torch.equal(torch.cat([features[cam][1].flatten(0, 1) for cam in images]), expected[1])
+    # without autocast: the fp32 MAE itself
+    features = encoders.encode_frames(images)
+    assert features["static"][0].dtype == torch.float32
+    assert torch.equal(torch.cat([features[cam][1].flatten(0, 1) for cam in images]), _direct(encoders, images)[1])
+
+
+def test_frames_chosen_from_a_mask_are_the_frames_encoded_alone():
+    encoders, images = _encoders_and_images()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    features = encoders.encode_frames(images, mask)
+    full = encoders.encode_frames(images)
+    for cam in images:
+        for got, ref in zip(features[cam], full[cam]):
+            torch.testing.assert_close(got[mask > 0], ref[mask > 0], rtol=1e-5, atol=1e-6)
+            assert got[mask == 0].abs().sum() == 0
+    # features feed trainable layers: they must be usable by autograd (not inference tensors)
+    weight = torch.ones(features["static"][0].shape[-1], requires_grad=True)
+    (features["static"][0] * weight).sum().backward()
+
+
+def test_losses_summed_on_the_device_are_read_once():
+    totals = empty_totals()
+    for step in range(3):
+        for k, v in detached({k: torch.tensor(float(step + i), requires_grad=True)
+                              for i, k in enumerate(totals)}).items():
+            totals[k] += v
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in totals.values())
+    means = mean_losses(totals, 3)
+    assert means == {k: 1.0 + i for i, k in enumerate(totals)} and all(type(v) is float for v in means.values())
+    assert mean_losses(empty_totals(), 0) == empty_totals()
