@@ -21,17 +21,21 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
-from config import Config, ConfigError, add_config_arguments, config_from_args, save_config
+from config import Config, ConfigError, add_config_arguments, config_from_args, explicit_keys, save_config
 from data.loader import DevicePrefetcher, batches_per_epoch, make_loader
-from models.build import CheckpointError, build_model, policy_state_dict, save_checkpoint
+from models.build import CheckpointError, build_model, config_for_checkpoint, policy_state_dict, save_checkpoint
 from processes import INTERRUPTED_EXIT_CODE, StopSignals, die_with_launcher
 from training import (
+    CURVES_FILE,
+    METRICS_FILE,
+    TRACKER_PROJECT,
     NonFiniteLossError,
     TrainingStopped,
     agree,
     check_save_path,
     compute_losses,
     detached,
+    draw_training_curves,
     empty_totals,
     error_line,
     first_nonfinite,
@@ -39,6 +43,9 @@ from training import (
     make_optimizer,
     mean_losses,
     nonfinite_report,
+    read_metrics,
+    tracker_config,
+    tracker_names,
 )
 from training_state import (
     TrainState,
@@ -56,7 +63,9 @@ USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, OSError)  # rep
 def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available()
     # cpu=True without CUDA: several processes (torchrun / accelerate launch --multi_gpu) then use gloo on CPU
-    return Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision if cuda else "no", kwargs_handlers=[
+    return Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision if cuda else "no",
+                       log_with=tracker_names(cfg) or None, project_dir=os.path.join(cfg.save_path, "logs"),
+                       kwargs_handlers=[
         DistributedDataParallelKwargs(find_unused_parameters=False),  # every trainable parameter gets a gradient
         InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # others wait while one process evaluates
 
@@ -105,12 +114,10 @@ class Trainer:
             acc.print(f"resumed from {saved.path}: epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
                       f"update {self.state.update}")
         self.val_iter = self._cycle_val()
-        self.writer = None
         if acc.is_main_process:
             os.makedirs(cfg.save_path, exist_ok=True)
             save_config(cfg, os.path.join(cfg.save_path, "config.json"))
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(cfg.save_path, "logs"))
+        acc.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg))  # log_with (main process only)
 
     def _lr_factor(self, update: int) -> float:
         return lr_factor(update, self.cfg, self.updates_per_epoch, self.n_batches, self.acc.num_processes,
@@ -171,10 +178,8 @@ class Trainer:
                   "data_loading_share": load_seconds / max(seconds, 1e-9),
                   **{f"train/{k}": v for k, v in train.items()},
                   **({f"val/{k}": v for k, v in val.items()} if val else {})}
-        for k, v in record.items():
-            if k not in ("epoch", "batches", "update"):
-                self.writer.add_scalar(k, v, self.state.batches)
-        with open(os.path.join(cfg.save_path, "metrics.jsonl"), "a") as f:
+        acc.log({k: v for k, v in record.items() if k not in ("epoch", "batches", "update")}, step=self.state.batches)
+        with open(os.path.join(cfg.save_path, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     # ---- saving and evaluation ----
@@ -199,8 +204,8 @@ class Trainer:
         gr1.eval()
         summary = evaluate_during_training(self.cfg, self.encoders, gr1, self.acc, epoch_done)
         gr1.train()
-        if self.acc.is_main_process and summary:
-            self.writer.add_scalar("eval/avg_seq_len", summary["avg_seq_len"], self.state.batches)
+        if summary:
+            self.acc.log({"eval/avg_seq_len": summary["avg_seq_len"]}, step=self.state.batches)
 
     # ---- the loop ----
     def run(self) -> None:
@@ -215,8 +220,7 @@ class Trainer:
                     self.finish_epoch()
                     stopped = stopped or bool(cfg.max_train_steps and st.update >= cfg.max_train_steps)
         acc.wait_for_everyone()
-        if self.writer:
-            self.writer.close()
+        acc.end_training()  # closes the trackers
         finished = st.epoch >= cfg.num_epochs or bool(cfg.max_train_steps and st.update >= cfg.max_train_steps)
         if self.stop_agreed and not finished:
             raise TrainingStopped(f"interrupted by {signals.requested or 'a signal to another process'} after "
@@ -282,8 +286,15 @@ class Trainer:
             saved = self.save_epoch_checkpoint(st.epoch)
             self.acc.print(f"saved {saved}")
         self.save_state()
+        self.draw_curves()
         if saved and cfg.evaluate_during_training and not self.stop_agreed:
             self.evaluate(st.epoch)
+
+    def draw_curves(self) -> None:
+        """training_curves.png in save_path, redrawn from metrics.jsonl (main process)."""
+        path = os.path.join(self.cfg.save_path, METRICS_FILE)
+        if self.acc.is_main_process and os.path.isfile(path):
+            draw_training_curves(read_metrics(path), os.path.join(self.cfg.save_path, CURVES_FILE))
 
     def _cycle_val(self) -> Iterator[dict]:
         """Validation batches without end; the position (pass, batch) is part of the saved state, so a resumed run
@@ -297,7 +308,10 @@ class Trainer:
             st.val_epoch, st.val_batch = st.val_epoch + 1, 0
 
 
-def main(cfg: Config) -> None:
+def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> None:
+    """Train; fine-tuning from ckpt_path takes the architecture that checkpoint records (explicit keys must agree)."""
+    if cfg.ckpt_path:
+        cfg = config_for_checkpoint(cfg, cfg.ckpt_path, explicit)
     Trainer(cfg).run()
 
 
@@ -308,7 +322,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     main_process = os.environ.get("RANK", "0") == "0"
     try:
-        main(config_from_args(args))
+        main(config_from_args(args), explicit_keys(args))
     except TrainingStopped as e:
         if main_process:
             print(e, file=sys.stderr)

@@ -119,6 +119,8 @@ class Config:
     #                                              start as copies of its static camera's (else: random init)
     frame_sharing: int = 1  # training batches in groups of this many consecutive windows of one episode, one random
     #                         shift per group, each distinct frame encoded once (1 = independent windows; README)
+    log_with: str = "tensorboard"  # experiment trackers (accelerate): 'tensorboard', 'wandb', ... comma-separated;
+    #                                'none' = metrics.jsonl and training_curves.png only
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) that load_config reads back to an equal Config."""

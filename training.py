@@ -6,6 +6,7 @@ Shape key: B batch, T window, K action chunk, G frame groups, U frames per group
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -237,3 +238,86 @@ def error_line(e: BaseException) -> str:
         last = lines[-1]
         return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith(type(e).__name__) else last
     return " ".join(ln.strip() for ln in lines)
+
+
+# ---------------------------------------------------------------- logging
+
+TRACKER_PROJECT = "gr1"  # the run name accelerate's trackers get (TensorBoard: save_path/logs/gr1)
+CURVES_FILE = "training_curves.png"
+METRICS_FILE = "metrics.jsonl"
+
+
+def tracker_names(cfg: Config) -> list[str]:
+    """cfg.log_with as accelerate tracker names; an unknown one, or one whose package is missing, is a one-line
+    error (accelerate itself would drop a missing one silently)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    names = [n.strip() for n in cfg.log_with.split(",") if n.strip() and n.strip() != "none"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"log_with: unknown tracker {name!r}; accelerate has {sorted(LOGGER_TYPE_TO_CLASS)} "
+                              "(comma-separated), or 'none'")
+        if name not in available:
+            raise ConfigError(f"log_with: the {name} tracker is not installed here (pip install {name}), or leave it "
+                              "out of log_with")
+    return names
+
+
+def tracker_config(cfg: Config) -> dict:
+    """The run's config for the trackers' hyper-parameter views (lists as text: TensorBoard takes scalars only)."""
+    return {k: str(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of metrics.jsonl (a line cut by a crash is skipped)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+_LOSS_PANELS = (("total", "total loss"), ("action_arm", "arm action (smooth L1)"),
+                ("action_gripper", "gripper action (BCE)"), ("rgb_static", "static camera frame (MSE)"),
+                ("rgb_gripper", "gripper camera frame (MSE)"))
+_RUN_PANELS = (("lr", "learning rate"), ("samples_per_s", "samples / s (all processes)"),
+               ("data_loading_share", "share of the time waiting for data"))
+
+
+def draw_training_curves(records: list[dict], path: str) -> None:
+    """training_curves.png: each loss (training and validation), the learning rate, samples/s and the data-loading
+    share, against the optimiser step (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    steps = [r["update"] for r in records]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), constrained_layout=True)
+    for ax, (name, title) in zip(axes.flat, _LOSS_PANELS):
+        for split, label, style in (("train", "training", "-"), ("val", "validation", "o-")):
+            points = [(u, r[f"{split}/{name}"]) for u, r in zip(steps, records) if f"{split}/{name}" in r]
+            if points:
+                ax.plot(*zip(*points), style, markersize=3, label=label)
+        values = [r[f"{s}/{name}"] for r in records for s in ("train", "val") if f"{s}/{name}" in r]
+        if values and min(values) > 0:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
+        ax.set_title(title)
+        if ax.get_lines():
+            ax.legend(loc="upper right")
+    for ax, (key, title) in zip(axes.flat[len(_LOSS_PANELS):], _RUN_PANELS):
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], "-")
+        ax.set_title(title)
+    for ax in axes.flat:
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"GR-1 training: {len(records)} log points, last at optimiser step {steps[-1] if steps else 0}")
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,5 +1,6 @@
-"""Checkpoints describe themselves: evaluate_calvin.py rebuilds the model from a checkpoint's saved config, without
---config, and an explicit key that contradicts the checkpoint is a one-line error."""
+"""Checkpoints describe themselves: evaluate_calvin.py and fine-tuning rebuild the model from a checkpoint's saved
+config, without --config, and an explicit key that contradicts the checkpoint is a one-line error. Training logs go
+through accelerate's trackers and training_curves.png is drawn."""
 from __future__ import annotations
 
 import json
@@ -30,6 +31,38 @@ def trained(tmp_path_factory, mini_lmdb):  # noqa: F811
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(open(os.path.join(save, "metrics.jsonl")).readlines()[-1])["update"] == 2
     return os.path.join(save, "GR1_1.pth")
+
+
+def test_training_logs_through_the_trackers_and_draws_its_curves(trained):
+    from PIL import Image
+    save = os.path.dirname(trained)
+    events = [f for _, _, files in os.walk(os.path.join(save, "logs", "gr1")) for f in files
+              if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard event file from accelerate's tracker"
+    with Image.open(os.path.join(save, "training_curves.png")) as image:
+        image.verify()
+    with Image.open(os.path.join(save, "training_curves.png")) as image:
+        assert image.size == (1280, 600) and image.mode in ("RGB", "RGBA")
+
+
+def test_fine_tuning_from_a_checkpoint_needs_no_config(trained, mini_lmdb, tmp_path):  # noqa: F811
+    """Main.py ckpt_path=<tiny checkpoint> with the default configs.json: the tiny architecture comes from the file;
+    training keys (here bs_per_gpu, num_epochs) from the command line and configs.json."""
+    save = str(tmp_path / "finetune")
+    proc = _run("Main.py", f"ckpt_path={trained}", f"LMDB_path={mini_lmdb}", f"save_path={save}", "num_epochs=1",
+                "bs_per_gpu=96", "gradient_accumulation_steps=1", "workers_per_gpu=0", "log_with=none",
+                "evaluate_during_training=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_config(os.path.join(save, "config.json")).embed_dim == 32
+    assert not os.path.isdir(os.path.join(save, "logs"))  # log_with=none: no tracker
+    bad = _run("Main.py", f"ckpt_path={trained}", f"LMDB_path={mini_lmdb}", f"save_path={save}", "n_layer=3")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "n_layer=3" in bad.stderr
+
+
+def test_an_unknown_tracker_is_a_one_line_error(mini_lmdb, tmp_path):  # noqa: F811
+    proc = _run("Main.py", "--config", TINY, f"LMDB_path={mini_lmdb}", f"save_path={tmp_path}", "log_with=tensorbord")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "unknown tracker 'tensorbord'" in proc.stderr
 
 
 def test_evaluate_calvin_needs_only_the_checkpoint(trained, tmp_path):
