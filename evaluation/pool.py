@@ -40,6 +40,7 @@ from evaluation.protocol import EvalSequence, RunStats, SequenceResult
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_TIMEOUT_S = 600.0  # a worker silent this long while running a sequence is taken for hung and restarted
 LOG_TAIL_LINES = 15
+EMA = 0.1  # weight of the newest sample in the running averages of env step and query times
 PREDICTED_FRAMES = ("rgb_static_pred", "rgb_gripper_pred")
 
 
@@ -56,6 +57,7 @@ class _Worker:
     seq: EvalSequence | None = None  # the sequence it is running
     subtasks: list[dict] = field(default_factory=list)  # the subtasks of seq it finished
     heard: float = field(default_factory=time.monotonic)  # when it last sent something
+    answered: float | None = None  # when it was last sent an action (None: since its subtask began)
 
 
 def available_cores() -> int:
@@ -84,6 +86,8 @@ class EnvPool:
         self.renderers: list[str] = []  # OpenGL renderer of each worker's env ('' when not known)
         self.restarts = 0
         self._queue: deque[EvalSequence] = deque()
+        self._step_seconds = self._query_seconds = 0.0  # running averages (batching, see evaluate)
+        self._deadline = 0.0  # serve the waiting requests by then
         try:
             self.workers = [self._launch(slot) for slot in range(n_envs)]  # all start at once
             self.renderers = [self._wait_ready(w) for w in self.workers]
@@ -159,20 +163,28 @@ class EnvPool:
 
     # ---- the loop ----
     def evaluate(self, sequences: Sequence[EvalSequence], stats: RunStats) -> Iterator[SequenceResult]:
-        """Results of `sequences` as they finish (protocol.EvaluateMany); the envs' time is added to stats."""
+        """Results of `sequences` as they finish (protocol.EvaluateMany); the envs' time is added to stats.
+
+        Batching: waiting requests are served when every busy worker is waiting, or once the first of them has
+        waited min(typical env step, typical query) (running averages). When the envs are the bottleneck that is
+        at most one short query's time; when the policy is, the others' requests arrive within one env step and
+        the workers fall into step with each other, one full batch per tick, instead of taking turns one by one."""
         self._queue = deque(sequences)
         for worker in self.workers:
             self._assign(worker)
+        requests: dict[int, tuple[dict, str]] = {}
         while any(w.seq is not None for w in self.workers):
-            requests: dict[int, tuple[dict, str]] = {}
             finished: list[SequenceResult] = []
-            ready = self.selector.select(timeout=1.0)
-            while ready:  # everything that has arrived, then one batched query for all waiting workers
+            wait = max(0.0, self._deadline - time.monotonic()) if requests else 1.0
+            ready = self.selector.select(timeout=wait)
+            while ready:  # everything that has arrived
                 for key, _ in ready:
                     self._receive(key.data, requests, finished, stats)
                 ready = self.selector.select(timeout=0)
-            if requests:
+            busy = sum(w.seq is not None for w in self.workers)
+            if requests and (len(requests) >= busy or time.monotonic() >= self._deadline):
                 self._serve(requests)
+                requests = {}
             for worker in list(self.workers):
                 if worker.seq is not None and time.monotonic() - worker.heard > WORKER_TIMEOUT_S:
                     worker.proc.kill()  # hung: its socket closes and the next select reports it
@@ -200,9 +212,14 @@ class EnvPool:
         kind = header["type"]
         if kind == "act":
             obs = {"rgb_obs": {"rgb_static": arrays[0], "rgb_gripper": arrays[1]}, "robot_obs": arrays[2]}
+            if not requests:
+                self._deadline = worker.heard + min(self._step_seconds, self._query_seconds)
             requests[worker.slot] = (obs, header["instruction"])
+            if worker.answered is not None:  # from its last action to this request: one env step
+                self._step_seconds += EMA * (worker.heard - worker.answered - self._step_seconds)
         elif kind == "reset":
             self.policy.reset(worker.slot)
+            worker.answered = None  # its next request follows a reset, not a step
         elif kind == "subtask":
             worker.subtasks.append({k: header[k] for k in ("task", "success", "steps")})
         elif kind == "done":
@@ -212,6 +229,7 @@ class EnvPool:
 
     def _serve(self, requests: dict[int, tuple[dict, str]]) -> None:
         """One batched query for every waiting worker; a policy exception goes to each of them."""
+        start = time.monotonic()
         try:
             outputs = self.policy.act(requests)
             replies = {}
@@ -222,9 +240,13 @@ class EnvPool:
         except Exception:
             error = traceback.format_exc(limit=8)
             replies = {slot: ({"type": "error", "error": error}, []) for slot in requests}
+        now = time.monotonic()
+        self._query_seconds += EMA * (now - start - self._query_seconds)
         for slot, (header, arrays) in replies.items():
+            worker = self.workers[slot]
+            worker.answered = now
             try:
-                send_message(self.workers[slot].sock, header, arrays)
+                send_message(worker.sock, header, arrays)
             except OSError:
                 pass  # dead: the next select reports it
 
