@@ -16,8 +16,9 @@ before reset moves it, and bullet's broadphase tree (so the order in which conta
 the states) depends on where bodies were inserted. The rebuild therefore draws those poses from the generator state
 a fresh env starts from (the config's seed), and leaves the generator where it was (random layouts of
 reset(scene_obs=None) go on as before). A sequence's states and images then equal those of a fresh env, whatever ran
-before (tested, bit for bit). reset='reference' keeps calvin_env's plain reset, for comparisons with numbers measured
-that way.
+before (tested, bit for bit). pybullet's EGL plugin keeps ~12 MB per reload (textures), which only a new physics
+client frees, so every RENEW_EVERY deterministic resets the env also replaces its physics client (~1 s), which gives
+the same world. reset='reference' keeps calvin_env's plain reset, for comparisons with numbers measured that way.
 
 calvin_env, hydra, omegaconf, gym and torch are imported inside the functions that need them: importing this module
 never fails and stays light (env worker processes import it), and using it without calvin_env raises
@@ -71,6 +72,7 @@ SOFTWARE_RENDERER_HELP = (
     "NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics) and libegl1 (glvnd)."
 )
 RESETS = ("deterministic", "reference")
+RENEW_EVERY = 10  # deterministic resets between two new physics clients (bounds the EGL plugin's memory growth)
 T = TypeVar("T")
 
 
@@ -233,7 +235,7 @@ class CalvinEnv:
     ({'rgb_obs': {'rgb_static', 'rgb_gripper'}, 'depth_obs': {...}, 'robot_obs', 'scene_obs'})."""
 
     def __init__(self, sim: Any, reset: str = "deterministic", renderer: str = "",
-                 load_rng_state: dict | None = None) -> None:
+                 load_rng_state: dict | None = None, build: Callable[[], Any] | None = None) -> None:
         if reset not in RESETS:
             raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
         self.sim = sim  # the PlayTableSimEnv itself, for anything not covered here
@@ -241,6 +243,8 @@ class CalvinEnv:
         self.renderer = renderer  # OpenGL renderer of the EGL plugin ('' when unknown)
         # The scene generator's state when a fresh env loaded its world (block load poses are drawn from it)
         self.load_rng_state = load_rng_state or sim.scene.np_random.bit_generator.state
+        self._build = build  # a new PlayTableSimEnv (None: never renewed)
+        self.renew_every, self._rebuilds = RENEW_EVERY, 0
 
     def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None) -> dict:
         """Set the robot and scene state (random block placement for a missing scene_obs) and render. Deterministic
@@ -254,7 +258,11 @@ class CalvinEnv:
 
     def _rebuild(self) -> None:
         """The world of a fresh env: reset the bullet simulation and load robot and scene as its constructor did,
-        with the blocks' load poses drawn as then."""
+        with the blocks' load poses drawn as then (every renew_every times in a new physics client)."""
+        self._rebuilds += 1
+        if self._build is not None and self._rebuilds % self.renew_every == 0:
+            self.close()
+            self.sim = self._build()
         rng = self.sim.scene.np_random.bit_generator
         current, rng.state = rng.state, self.load_rng_state
         try:
@@ -292,10 +300,14 @@ def make_calvin_env(dataset_path: str, device: Any = "cpu", reset: str = "determ
     pybullet's default client in places, so two live envs in one process would interfere."""
     render_config = load_render_config(dataset_path)
     set_egl_device(device)
-    sim, printed = _capture_c_stdout(lambda: _build_sim(render_config))
+
+    def build() -> Any:
+        return _capture_c_stdout(lambda: _build_sim(render_config))
+
+    sim, printed = build()
     # PlayTableSimEnv seeds its generator with gym's np_random(env.seed), then loads the world from it
     fresh_rng = _import("gym.utils.seeding").np_random(render_config.env.get("seed"))[0]
-    return CalvinEnv(sim, reset, _renderer_name(printed), fresh_rng.bit_generator.state)
+    return CalvinEnv(sim, reset, _renderer_name(printed), fresh_rng.bit_generator.state, lambda: build()[0])
 
 
 def make_calvin_oracle() -> Any:
