@@ -43,7 +43,7 @@ def draw_chain_success(path: str, summary: dict[str, Any]) -> None:
     ax.set_yticks(range(0, 101, 25))
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0f}%")
     ax.set_xlabel("tasks completed in a row")
-    ax.set_ylabel("sequences")
+    ax.set_ylabel("share of sequences")
     ax.set_title(f"CALVIN chain success \N{EN DASH} {summary['num_sequences']} sequences, "
                  f"avg. length {summary['avg_seq_len']:.2f}")
     ax.spines[["top", "right"]].set_visible(False)

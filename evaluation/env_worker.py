@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, required=True, help="pid of the process that started it")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     with socket.socket(fileno=args.fd) as sock:
         serve(sock)
 

@@ -40,6 +40,7 @@ from evaluation.protocol import EvalSequence, RunStats, SequenceResult
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_TIMEOUT_S = 600.0  # a worker silent this long while running a sequence is taken for hung and restarted
 LOG_TAIL_LINES = 15
+STOP_GRACE_S = 5.0  # time a worker gets to exit (calvin_env disconnects) before it is killed
 EMA = 0.1  # weight of the newest sample in the running averages of env step and query times
 PREDICTED_FRAMES = ("rgb_static_pred", "rgb_gripper_pred")
 
@@ -129,6 +130,7 @@ class EnvPool:
         return header.get("renderer", "")
 
     def _stop(self, worker: _Worker) -> None:
+        """Ask the worker to exit; one still busy with a sequence after STOP_GRACE_S (an interrupted run) is killed."""
         try:
             self.selector.unregister(worker.sock)
         except (KeyError, ValueError):
@@ -139,7 +141,7 @@ class EnvPool:
             pass
         worker.sock.close()
         try:
-            worker.proc.wait(timeout=10)
+            worker.proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             worker.proc.kill()
             worker.proc.wait()
