@@ -10,6 +10,7 @@ For each N, in the built-in scene (and in calvin_env with --calvin, when it is i
   the mean batch size and time per batched query.
 Every sequence fails its first subtask (zero actions, random weights), so each env runs exactly --steps steps per
 sequence. Startup (workers, models) is not timed; the first batched queries of every size are run before timing.
+Each row runs --repeat times, interleaved with the others, and the fastest run is kept (the full-size GR-1 once).
 Targets (issue 12): demo GR-1 >= 0.85 of the ceiling at N = cores, and >= 1.7x steps/s at N = 2 over N = 1 on
 a 2-core machine. Figures from a machine that is busy with other work are not comparable: the load average is
 printed before and after.
@@ -87,7 +88,8 @@ def measure(backend: str, n_envs: int, policy, steps: int) -> dict:
     instructions = validation_instructions(backend)
     timed = TimedPolicy(policy) if not isinstance(policy, str) else None
     with policy_threads(torch.device("cpu"), n_envs), \
-            EnvPool(n_envs, EnvSpec(backend=backend), timed or policy, instructions, steps) as pool:
+            EnvPool(n_envs, EnvSpec(backend=backend), timed or policy, instructions, steps,
+                    policy_on_cpu=True) as pool:
         if timed:
             warm_up(policy, n_envs, instructions[sequences[0].tasks[0]])
         threads = torch.get_num_threads()
@@ -104,19 +106,25 @@ def measure(backend: str, n_envs: int, policy, steps: int) -> dict:
     return row
 
 
-def table(backend: str, envs: list[int], steps: int, full_steps: int, models: dict[str, str]) -> dict:
+def table(backend: str, envs: list[int], steps: int, full_steps: int, models: dict[str, str], repeat: int) -> dict:
+    """Rows for every N; each run `repeat` times, interleaved, keeping the fastest (a shared machine's other load
+    only ever slows a run down)."""
     print(f"\n{backend}: {'N':>3s} {'policy':11s} {'steps':>6s} {'wall s':>7s} {'steps/s':>8s} {'x ceiling':>9s} "
           f"{'policy %':>8s} {'batch':>6s} {'ms/query':>9s} {'threads':>7s}", flush=True)
     results = {}
-    policies = {name: gr1_policy(path) for name, path in models.items()}
+    policies: dict[str, object] = {"env only": "zero"}
+    policies.update({name: gr1_policy(path) for name, path in models.items()})
     for n in envs:
-        ceiling = measure(backend, n, "zero", steps)
-        results[(n, "env only")] = ceiling
-        rows = [("env only", ceiling)]
-        for name, policy in policies.items():
-            row = measure(backend, n, policy, full_steps if name == "full GR-1" else steps)
-            results[(n, name)] = row
-            rows.append((name, row))
+        for attempt in range(repeat):
+            for name, policy in policies.items():
+                if name == "full GR-1" and attempt:
+                    continue  # minutes per run: once
+                row = measure(backend, n, policy, full_steps if name == "full GR-1" else steps)
+                best = results.get((n, name))
+                if best is None or row["steps_per_s"] > best["steps_per_s"]:
+                    results[(n, name)] = row
+        ceiling = results[(n, "env only")]
+        rows = [(name, results[(n, name)]) for name in policies]
         for name, row in rows:
             ratio = row["steps_per_s"] / ceiling["steps_per_s"]
             print(f"{'':{len(backend) + 1}s} {n:3d} {name:11s} {row['steps']:6d} {row['wall']:7.1f} "
@@ -134,15 +142,16 @@ def main() -> None:
     parser.add_argument("--no_full", action="store_true", help="skip the full-size GR-1")
     parser.add_argument("--calvin", action="store_true", help="also calvin_env (slow on CPU: ~10 steps/s per core)")
     parser.add_argument("--calvin_steps", type=int, default=20, help="steps per sequence in calvin_env")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each row (the fastest is kept)")
     args = parser.parse_args()
     envs = [int(n) for n in args.envs.split(",")]
     models = {k: v for k, v in MODELS.items() if not (args.no_full and k == "full GR-1")}
     print(f"{cores} cores, torch {torch.__version__}, load average before {os.getloadavg()}")
-    builtin = table("builtin", envs, args.steps, args.full_steps, models)
+    builtin = table("builtin", envs, args.steps, args.full_steps, models, args.repeat)
     if args.calvin:
         from evaluation.calvin_env import calvin_env_available
         if calvin_env_available():
-            table("calvin", envs, args.calvin_steps, args.calvin_steps, {"demo GR-1": MODELS["demo GR-1"]})
+            table("calvin", envs, args.calvin_steps, args.calvin_steps, {"demo GR-1": MODELS["demo GR-1"]}, 1)
         else:
             print("\ncalvin_env is not installed: no calvin rows")
     print(f"\nload average after {os.getloadavg()}")
