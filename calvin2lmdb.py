@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from config import Config, ConfigError, add_config_arguments, config_from_args, expand_path
+from processes import INTERRUPTED_EXIT_CODE, sigterm_as_keyboard_interrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.commit_every < 1:
         parser.error("--workers and --commit_every must be >= 1")
+    if not args.map_size_gb > 0:
+        parser.error("--map_size_gb must be > 0")
     return args
 
 
@@ -51,18 +54,20 @@ def text_embedder(cfg: Config) -> Callable[[np.ndarray], np.ndarray] | None:
 def main(args: argparse.Namespace) -> None:
     from data.calvin_format import CalvinFormatError
     from data.convert import ConversionError, convert, make_plan
-    cfg = config_from_args(args)
+    from models.files import CheckpointError
+    sigterm_as_keyboard_interrupt()  # SIGTERM stops like Ctrl-C: committed segments kept, exit code 130
     try:
+        cfg = config_from_args(args)
         make_plan(args.input_dir)  # input errors first (before CLIP weights are loaded)
         stats = convert(args.input_dir, args.output_dir, workers=args.workers, commit_every=args.commit_every,
                         overwrite=args.overwrite, embedder=text_embedder(cfg), map_size=int(args.map_size_gb * 2**30),
                         progress=not args.no_progress)
-    except (CalvinFormatError, ConversionError, ConfigError, FileNotFoundError) as e:
+    except (CalvinFormatError, ConversionError, ConfigError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"calvin2lmdb: error: {e}")
     except KeyboardInterrupt:
         print("calvin2lmdb: interrupted; committed segments are kept: run the same command again to continue",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     resumed = f", resumed at segment {stats.resumed_from_segment}" if stats.resumed_from_segment else ""
     print(f"wrote {stats.frames} frames in {stats.seconds:.1f} s ({stats.frames_per_second:.1f} frames/s, "
           f"{args.workers} workers{resumed}) to {args.output_dir}")

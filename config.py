@@ -35,7 +35,7 @@ class Config:
     compile_model: bool = False  # torch.compile the trainable network
     bytedance_ckpt_path: str = "./snapshot_ABC.pt"  # Bytedance GR-1 snapshot, used when load_bytedance_ckpt
     load_bytedance_ckpt: bool = False  # start from the Bytedance snapshot (converted: wpe zeroed, chunk queries 0)
-    load_epoch: int = 0  # load save_path/GR1_<load_epoch>.pth if it exists; checkpoint numbers continue from it
+    load_epoch: int = 0  # start from save_path/GR1_<load_epoch>.pth (0: if it exists); checkpoint numbers continue
     save_epochs: int = 1  # save GR1_<epoch>.pth every this many epochs (and always after the last epoch)
     num_epochs: int = 20  # epochs to train
     num_sequences: int = 1000  # evaluation sequences: CALVIN's get_sequences(num_sequences); 1000 = the official list
@@ -97,7 +97,7 @@ class Config:
     mae_depth: int = 12  # MAE ViT blocks
     mae_num_heads: int = 12  # MAE ViT heads
     seed: int = 0  # seed of model init, data order and augmentation
-    resume: bool = False  # continue the run in save_path from its last full training state (exact resume)
+    resume: bool = False  # continue the run in save_path from its saved training state (exact; none yet: start)
     save_steps: int = 1000  # also save the full training state every this many optimiser steps (0 = epochs only)
     max_train_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
     lr_schedule: str = "per_step"  # 'per_step' (cosine warm-up per optimiser step) or 'reference' (staircase)
@@ -106,13 +106,17 @@ class Config:
     train_ratio: float = 0.9  # with split='ratio': fraction of LMDB steps used for training
     eval_backend: str = "builtin"  # 'builtin' (pybullet scene shipped here) or 'calvin' (real calvin_env)
     calvin_dataset_path: str = ""  # CALVIN split folder with validation/.hydra/merged_config.yaml ('' = shipped)
-    ckpt_path: str = ""  # policy weights for evaluate_calvin.py ('' = save_path/GR1_<load_epoch>.pth)
+    ckpt_path: str = ""  # policy weights to evaluate, and training's starting weights ('' = see load_epoch)
     eval_feature_cache: bool = True  # cache per-frame encoder features during evaluation
     eval_policy: str = "gr1"  # 'gr1'; baselines: 'zero' (never moves), 'expert' (built-in scene's scripted expert)
     builtin_tasks: str = ""  # built-in scene: comma-separated tasks the evaluation chains use ('' = all 11)
     eval_dir: str = ""  # evaluation outputs ('' = save_path/eval/)
     eval_sequence_start: int = 0  # skip the sequences before this position (evaluate a tail of the list)
     exact_attention: bool = False  # ViT attention as the reference computes it (bit-identical, ~20% slower on CPU)
+    load_grmg_ckpt: bool = False  # start from GR-MG's Ego4D-pretrained GR-1 (grmg_ckpt_path), converted strictly
+    grmg_ckpt_path: str = "./pretrained.pt"  # GR-MG's pretrained.pt (or another GR-MG policy checkpoint)
+    grmg_init_gripper_from_static: bool = False  # gripper-camera embeddings / observation queries a GR-MG file lacks
+    #                                              start as copies of its static camera's (else: random init)
     eval_envs_per_process: int = 1  # simulator worker processes per accelerate process (about the CPU cores per GPU)
     eval_reset: str = "deterministic"  # 'deterministic' (reset restores the whole simulator state) or 'reference'
     eval_sequence_count: int = 0  # evaluate sequences [eval_sequence_start, start + this) of the list (0 = to its end)
@@ -153,6 +157,8 @@ _CHOICES = {
 _MUST_BE_TRUE = ("use_hand_rgb", "act_pred", "fwd_pred", "fwd_pred_hand")
 _NON_NEGATIVE = ("load_epoch", "skip_frame", "workers_per_gpu", "save_steps", "max_train_steps", "rgb_static_pad",
                  "rgb_gripper_pad", "seed", "eval_sequence_start", "eval_sequence_count")
+_POSITIVE_FLOATS = ("lr_max",)
+_NON_NEGATIVE_FLOATS = ("weight_decay", "arm_loss_ratio", "num_warmup_epochs")
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -250,8 +256,20 @@ def _check_consistency(cfg: Config, source: str) -> None:
     if cfg.eval_sequence_start + cfg.eval_sequence_count > cfg.num_sequences:
         fail(f"'eval_sequence_start' + 'eval_sequence_count' ({cfg.eval_sequence_start} + {cfg.eval_sequence_count}) "
              f"exceeds 'num_sequences' ({cfg.num_sequences})")
+    if cfg.load_grmg_ckpt and cfg.load_bytedance_ckpt:
+        fail("'load_grmg_ckpt' and 'load_bytedance_ckpt' are both true: choose one starting checkpoint")
+    if cfg.load_grmg_ckpt and not cfg.grmg_ckpt_path:
+        fail("'load_grmg_ckpt' is true but 'grmg_ckpt_path' is empty: set it to GR-MG's pretrained.pt")
     if not 0.0 < cfg.train_ratio < 1.0:
         fail(f"'train_ratio' must be in (0, 1), got {cfg.train_ratio}")
+    for name in _POSITIVE_FLOATS:
+        if not getattr(cfg, name) > 0:
+            fail(f"'{name}' must be > 0, got {getattr(cfg, name)}")
+    for name in _NON_NEGATIVE_FLOATS:
+        if getattr(cfg, name) < 0:
+            fail(f"'{name}' must be >= 0, got {getattr(cfg, name)}")
+    if not all(s > 0 for s in cfg.rgb_std):
+        fail(f"'rgb_std' entries must be > 0, got {list(cfg.rgb_std)}")
     if not 0.0 <= cfg.dropout < 1.0:
         fail(f"'dropout' must be in [0, 1), got {cfg.dropout}")
     tokens_per_step = 2 + 2 * (cfg.resampler_num_latents + 1) + cfg.chunk_size + 2 * (cfg.resampler_num_latents + 1)

@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from config import Config, ConfigError, add_config_arguments, config_from_args, explicit_keys
 from evaluation.pool import EvalWorkerError
 from models.build import CheckpointError, build_model, config_for_checkpoint, default_weights_path
+from processes import die_with_launcher
 
 
 def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
@@ -47,6 +48,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     args = parser.parse_args()
+    die_with_launcher()  # under accelerate launch / torchrun: a killed launcher ends this process (and its env workers)
     try:
         main(config_from_args(args), explicit_keys(args))
     except (ConfigError, CheckpointError, FileNotFoundError, EvalWorkerError) as e:

@@ -1,5 +1,6 @@
-"""Training pieces used by Main.py: optimiser, learning-rate schedule, one training / validation step, the resumable
-training state and checkpoint files. Main.py wires them together; nothing here parses arguments.
+"""Training pieces used by Main.py: optimiser, learning-rate schedule, one training / validation step, and the
+loop's checks (non-finite losses, agreement between processes on stopping, save_path). Main.py wires them together;
+nothing here parses arguments. The resumable training state is in training_state.py.
 
 Shape key: B batch, T window, K action chunk.
 """
@@ -7,19 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-from dataclasses import asdict, dataclass
+import tempfile
 
 import torch
 from torch import nn
 
-from config import Config
+from config import Config, ConfigError
+from data.loader import EpochSampler
 from models.encoders import FrozenEncoders
 from models.gr1 import Keep
 from models.losses import LOSS_NAMES, gr1_losses
-
-STATE_DIR = "state"  # save_path/state: the full training state of the last save (accelerate.save_state)
-
 
 # ---------------------------------------------------------------- optimiser and schedule
 
@@ -77,61 +75,84 @@ def compute_losses(model: nn.Module, encoders: FrozenEncoders, preprocessor, bat
                       not cfg.without_norm_pixel_loss, cfg.arm_loss_ratio)
 
 
-@dataclass
-class TrainState:
-    """Where the run is; saved with the optimiser state so that a resumed run continues exactly."""
-
-    epoch: int = 0  # current epoch (0-based)
-    batch_in_epoch: int = 0  # batches of this epoch already trained
-    update: int = 0  # optimiser steps taken in total
-    batches: int = 0  # batches trained in total
-    best_val: float = float("inf")
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-# ---------------------------------------------------------------- saving
-
-def state_dirs(save_path: str) -> tuple[str, str, str]:
-    base = os.path.join(save_path, STATE_DIR)
-    return base, base + ".tmp", base + ".old"
-
-
-def save_training_state(accelerator, save_path: str) -> None:
-    """accelerate.save_state into a temporary folder, then swapped in, so a crash mid-save keeps the last state."""
-    final, tmp, old = state_dirs(save_path)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            f.write("ok\n")
-        if os.path.isdir(final):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def find_training_state(save_path: str) -> str | None:
-    """The last complete saved state (also after a crash between the folder swaps), or None."""
-    for path in state_dirs(save_path)[::2]:  # final, then .old
-        if os.path.isfile(os.path.join(path, "COMPLETE")):
-            return path
-    return None
-
-
 def mean_losses(totals: dict[str, float], count: int) -> dict[str, float]:
     return {k: totals[k] / max(1, count) for k in totals}
 
 
 def empty_totals() -> dict[str, float]:
     return {k: 0.0 for k in LOSS_NAMES + ("total",)}
+
+
+# ---------------------------------------------------------------- the loop's checks
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss was NaN or inf; raised before the optimiser step, so no weights were updated with it."""
+
+
+class TrainingStopped(Exception):  # noqa: N818 (not an error: a requested stop)
+    """SIGINT / SIGTERM stopped the run after a save of the full training state."""
+
+
+def check_save_path(path: str) -> None:
+    """save_path must be a writable directory (created if absent): fail in one line before anything is built."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"save_path {path!r} is not a writable directory ({e.strerror or e})") from None
+
+
+def nonfinite(losses: dict[str, float]) -> list[str]:
+    """Names of the losses that are NaN or inf."""
+    return [k for k, v in losses.items() if not math.isfinite(v)]
+
+
+def agree(accelerator, stop: bool, bad_batch: int | None) -> tuple[bool, dict[int, int]]:
+    """What every process learns at a synchronisation point: whether any asked to stop, and which processes saw a
+    non-finite loss at which batch of the epoch ({rank: batch}). One all-reduce of world + 1 numbers."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    flags = torch.zeros(world + 1, dtype=torch.float64)
+    flags[0] = float(stop)
+    if bad_batch is not None:
+        flags[1 + rank] = bad_batch + 1
+    if world > 1:
+        flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum").cpu()
+    return bool(flags[0] > 0), {r: int(v) - 1 for r, v in enumerate(flags[1:].tolist()) if v > 0}
+
+
+def window_starts(epoch_indices: list[int], first_step: int, batch: int, batch_size: int) -> list[int]:
+    """LMDB steps at which the windows of batch `batch` of an epoch start (the sampler's order is a pure function of
+    seed, epoch, rank and world, so any process can name any process's batch)."""
+    return [first_step + i for i in epoch_indices[batch * batch_size:(batch + 1) * batch_size]]
+
+
+def nonfinite_report(bad: dict[int, int], dataset, cfg: Config, epoch: int, update: int, world: int) -> str:
+    """nonfinite_message for {rank: batch} of the training `dataset` (an LMDBDataset): every process's batch is named
+    from the sampler's order."""
+    windows = {}
+    for rank, batch in bad.items():
+        order = EpochSampler(len(dataset), cfg.seed, rank, world).epoch_indices(epoch)
+        windows[rank] = (batch, window_starts(order, dataset.first_step, batch, cfg.bs_per_gpu))
+    return nonfinite_message(windows, epoch, update, dataset.index.path, cfg.seq_len + cfg.chunk_size - 1)
+
+
+def nonfinite_message(bad: dict[int, tuple[int, list[int]]], epoch: int, update: int, lmdb_path: str,
+                      span: int) -> str:
+    """One line naming where a non-finite loss appeared: per process (rank: (batch, window starts)), its batch of
+    the epoch and the LMDB steps at which the batch's windows start."""
+    where = "; ".join(f"{f'process {r}: ' if len(bad) > 1 or r else ''}batch {b} of epoch {epoch}, windows "
+                      f"starting at LMDB steps {', '.join(map(str, steps))}" for r, (b, steps) in sorted(bad.items()))
+    return (f"non-finite training loss after {update} optimiser steps ({where}) in {lmdb_path}: each window reads "
+            f"the keys <name>_<s> for s = start .. start + {span - 1}; the weights were not updated with it and "
+            "nothing was saved after the last good state")
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line; an error re-raised from a DataLoader worker is reduced to its original message."""
+    text = str(e).strip() or type(e).__name__
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):  # torch's ExceptionWrapper: the worker's traceback
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith(type(e).__name__) else last
+    return " ".join(ln.strip() for ln in lines)

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from bench.reference_reader import ReferenceSchemaReader  # noqa: E402
 from data import calvin_format as cf  # noqa: E402
+from data.codec import loads_value  # noqa: E402
 from data.convert import convert  # noqa: E402
 from data.lmdb_dataset import LMDBDataset, collate_batch, ratio_window_range, read_index, reading  # noqa: E402
 from data.loader import reuse_worker_buffers  # noqa: E402
@@ -69,7 +70,7 @@ def jpeg_share(path: str, dataset: LMDBDataset, order: list[int]) -> float:
         for i in order:
             step = dataset.first_step + i
             for t in np.flatnonzero(dataset._valid_steps(step)[:T]):
-                blobs += [(cf.loads_value(txn.get(cf.step_key(cam, step + t))), size)
+                blobs += [(loads_value(txn.get(cf.step_key(cam, step + t))), size)
                           for cam, size in cf.CAMERA_SIZES.items()]
     start = time.perf_counter()
     for data, size in blobs:

@@ -1,8 +1,8 @@
-"""Everything about how CALVIN data is laid out: the raw split folders, the LMDB key schema of GR1-Training, value
-(de)serialisation, camera sizes, state/action layout, the gripper mapping and JPEG coding.
+"""How CALVIN data is laid out: the raw split folders, the LMDB key schema of GR1-Training, camera sizes,
+state/action layout, the gripper mapping and JPEG coding. LMDB values are (de)serialised by data/codec.py.
 
 Used by the converter (data/convert.py), the dataset (data/lmdb_dataset.py) and evaluation. Imports neither torch
-nor any CALVIN package: LMDB values that are pickled torch tensors are written and read here without torch.
+nor any CALVIN package.
 
 Raw split (``task_ABC_D/training``, ``.../validation``): one ``episode_{id:07d}.npz`` per frame and
 ``lang_annotations/auto_lang_ann.npy`` whose ``info.indx`` lists (start, end) frame ids, end inclusive, and whose
@@ -16,21 +16,16 @@ that the reference reader never asks for: the split boundary and the converter's
 """
 from __future__ import annotations
 
-import codecs
 import io
 import json
-import math
 import os
-import pickle
-import re
-import struct
-import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from data.codec import dumps_value
 
 try:  # optional: libjpeg-turbo without Pillow's per-image overhead, same pixels, ~1.5x faster dataset items
     import simplejpeg
@@ -55,6 +50,7 @@ FRAME_ARRAYS = {  # npz key -> expected shape; the only arrays GR1 reads from a 
     "robot_obs": (ROBOT_OBS_DIM,),
     "scene_obs": (SCENE_OBS_DIM,),
 }
+NUMERIC_ARRAYS = ("actions", "rel_actions", "robot_obs", "scene_obs")  # arrays that must be finite
 ACTION_KEYS = {"ee_rel_pose": "rel_action", "ee_abs_pose": "abs_action"}  # cfg.action_mode -> LMDB key prefix
 
 
@@ -142,6 +138,11 @@ def load_frame(path: str) -> dict[str, np.ndarray]:
     for key in CAMERA_SIZES:
         if frame[key].dtype != np.uint8:
             raise CalvinFormatError(f"{path}: '{key}' has dtype {frame[key].dtype}, expected uint8")
+    for key in NUMERIC_ARRAYS:
+        bad = np.flatnonzero(~np.isfinite(frame[key]))
+        if len(bad):  # GR1-Training would train on it: every loss NaN from then on
+            raise CalvinFormatError(f"{path}: '{key}' holds a non-finite value ({frame[key][bad[0]]} at index "
+                                    f"{bad[0]}); fix or drop this frame and re-run: finished segments are kept")
     return frame
 
 
@@ -200,232 +201,6 @@ def decode_jpeg(data: bytes | memoryview | np.ndarray, size: int) -> np.ndarray:
     return np.frombuffer(_decode_jpeg_image(data, size).tobytes(), np.uint8).reshape(size, size, 3)
 
 
-# ---------------------------------------------------------------- pickled torch tensors without torch
-#
-# GR1-Training stores tensors as pickle.dumps(tensor). Such a pickle calls torch._utils._rebuild_tensor_v2 on a
-# storage rebuilt by torch.storage._load_from_bytes from a nested blob in torch's legacy torch.save format:
-# five small pickles (magic number, protocol 1001, system info, the storage record as a persistent id, the list
-# of storage keys) followed by, per storage, its element count (8 bytes little-endian) and its raw bytes.
-# Writing that layout ourselves makes values deterministic (torch puts the storage's memory address in the key)
-# and torch-free; reading it ourselves is ~10x faster than pickle.loads and runs no pickle global but these.
-
-_STORAGE_DTYPES = {
-    "DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage": "<f2", "ByteStorage": "u1", "CharStorage": "i1",
-    "ShortStorage": "<i2", "IntStorage": "<i4", "LongStorage": "<i8", "BoolStorage": "?",
-}
-_STORAGE_NAMES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items()}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
-_SYS_INFO = {"protocol_version": _LEGACY_PROTOCOL, "little_endian": True,
-             "type_sizes": {"short": 2, "int": 4, "long": 4}}  # what torch writes (see the fixture LMDB)
-_LEGACY_HEADER = b"".join(pickle.dumps(x, protocol=2) for x in (_LEGACY_MAGIC, _LEGACY_PROTOCOL, _SYS_INFO))
-_STORAGE_KEY = "0"  # any string works; a constant one keeps values byte-identical between runs
-
-
-class LMDBValueError(ValueError):
-    """An LMDB value is not in the format GR1-Training writes."""
-
-
-def _pickle_str(text: str) -> bytes:
-    data = text.encode()
-    assert len(data) < 256
-    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
-
-
-def _pickle_int(value: int) -> bytes:
-    if 0 <= value < 256:
-        return b"K" + bytes([value])  # BININT1
-    if 0 <= value < 65536:
-        return b"M" + struct.pack("<H", value)  # BININT2
-    return b"J" + struct.pack("<i", value)  # BININT
-
-
-def _pickle_int_tuple(values: tuple[int, ...]) -> bytes:
-    items = b"".join(_pickle_int(v) for v in values)
-    if len(values) <= 3:  # as Python's pickler: EMPTY_TUPLE, TUPLE1, TUPLE2, TUPLE3
-        return items + (b")", b"\x85", b"\x86", b"\x87")[len(values)]
-    return b"(" + items + b"t"  # MARK ... TUPLE
-
-
-def dumps_tensor(array: np.ndarray) -> bytes:
-    """A numpy array as the bytes of pickle.dumps(torch.from_numpy(array)) (up to the storage key), without torch.
-
-    torch's pickle.loads of the result gives a contiguous CPU tensor of the same dtype, shape and values.
-    """
-    array = np.asarray(array)
-    if not array.flags.c_contiguous:
-        array = array.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-    if array.dtype.newbyteorder("<") not in _STORAGE_NAMES or sys.byteorder != "little":
-        raise TypeError(f"cannot store dtype {array.dtype} as a torch tensor")
-    storage = _STORAGE_NAMES[array.dtype.newbyteorder("<")]
-    key = _STORAGE_KEY.encode()
-    record = (b"\x80\x02(X\x07\x00\x00\x00storageq\x00ctorch\n" + storage.encode() + b"\nq\x01X"
-              + struct.pack("<I", len(key)) + key + b"q\x02X\x03\x00\x00\x00cpuq\x03"
-              + pickle.dumps(array.size, protocol=2)[2:-1] + b"Ntq\x04Q.")  # persistent id of the storage
-    blob = (_LEGACY_HEADER + record + pickle.dumps([_STORAGE_KEY], protocol=2)
-            + struct.pack("<q", array.size) + array.tobytes())
-    strides = tuple(s // array.itemsize for s in array.strides) if array.size else (1,) * array.ndim
-    return (b"\x80\x04" + _pickle_str("torch._utils") + _pickle_str("_rebuild_tensor_v2") + b"\x93"  # STACK_GLOBAL
-            + b"(" + _pickle_str("torch.storage") + _pickle_str("_load_from_bytes") + b"\x93"
-            + b"B" + struct.pack("<I", len(blob)) + blob + b"\x85R"  # BINBYTES, TUPLE1, REDUCE: the storage
-            + _pickle_int(0) + _pickle_int_tuple(array.shape) + _pickle_int_tuple(strides) + b"\x89"  # NEWFALSE
-            + _pickle_str("collections") + _pickle_str("OrderedDict") + b"\x93)R"  # backward hooks
-            + b"tR.")  # TUPLE, REDUCE, STOP
-
-
-_RECORD_START = b"\x80\x02(X\x07\x00\x00\x00storageq\x00ctorch\n"
-_INT_OPCODES = {ord("K"): "<B", ord("M"): "<H", ord("J"): "<i"}
-
-
-def _storage_fast_path(blob: bytes) -> np.ndarray | None:
-    """The storage exactly as torch writes it, parsed by position (~4x faster than unpickling its five pickles);
-    None if anything differs, and the general parser takes over."""
-    pos = len(_LEGACY_HEADER)
-    if not blob.startswith(_LEGACY_HEADER) or not blob.startswith(_RECORD_START, pos):
-        return None
-    pos += len(_RECORD_START)
-    name_end = blob.find(b"\n", pos, pos + 32)
-    dtype = _STORAGE_DTYPES.get(blob[pos:name_end].decode("ascii", "replace")) if name_end > 0 else None
-    if dtype is None or blob[name_end:name_end + 4] != b"\nq\x01X":
-        return None
-    pos = name_end + 4
-    (key_len,) = struct.unpack_from("<I", blob, pos)
-    key = blob[pos + 4:pos + 4 + key_len]
-    pos += 4 + key_len
-    location = b"q\x02X\x03\x00\x00\x00cpuq\x03"
-    if not blob.startswith(location, pos):
-        return None
-    pos += len(location)
-    if blob[pos] not in _INT_OPCODES:
-        return None
-    fmt = _INT_OPCODES[blob[pos]]
-    (numel,) = struct.unpack_from(fmt, blob, pos + 1)
-    pos += 1 + struct.calcsize(fmt)
-    keys = b"Ntq\x04Q.\x80\x02]q\x00X" + struct.pack("<I", key_len) + key + b"q\x01a."
-    if not blob.startswith(keys, pos):
-        return None
-    pos += len(keys)
-    dtype = np.dtype(dtype)
-    if len(blob) < pos + 8 or struct.unpack_from("<q", blob, pos)[0] != numel or \
-            len(blob) != pos + 8 + numel * dtype.itemsize:
-        return None
-    return np.frombuffer(blob, dtype, numel, pos + 8)
-
-
-def _storage_from_bytes(blob: bytes) -> np.ndarray:
-    """torch.storage._load_from_bytes for the legacy format: -> 1-D numpy array viewing `blob`."""
-    fast = _storage_fast_path(blob)
-    if fast is not None:
-        return fast
-    stream = io.BytesIO(blob)
-    try:
-        header = [pickle.load(stream) for _ in range(3)]
-        if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL or not header[2].get("little_endian"):
-            raise LMDBValueError("not a little-endian legacy torch.save storage")
-        record = _StorageRecordUnpickler(stream).load()
-        keys = pickle.load(stream)
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
-        raise LMDBValueError(f"unreadable tensor storage ({e})") from e
-    if not (isinstance(record, tuple) and len(record) >= 5 and record[0] == "storage" and keys == [record[2]]):
-        raise LMDBValueError(f"unexpected tensor storage record {record!r}")
-    dtype, numel = np.dtype(record[1]), int(record[4])
-    (count,) = struct.unpack_from("<q", blob, stream.tell())
-    offset = stream.tell() + 8
-    if count != numel or offset + numel * dtype.itemsize > len(blob):
-        raise LMDBValueError("truncated tensor storage")
-    return np.frombuffer(blob, dtype, numel, offset)
-
-
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, requires_grad: bool = False,
-                    hooks: Any = None, *metadata: Any) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2 -> numpy array (read-only view of the LMDB value)."""
-    if not size:
-        return storage[offset:offset + 1].reshape(())
-    if offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride) or len(size) != len(stride):
-        raise LMDBValueError(f"bad tensor geometry size={size} stride={stride}")
-    extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
-    if 0 in size:
-        return np.empty(tuple(size), storage.dtype)
-    if extent > storage.size:
-        raise LMDBValueError(f"tensor of size {size} does not fit its storage of {storage.size} elements")
-    count = math.prod(size)
-    contiguous = tuple(math.prod(size[i + 1:]) for i in range(len(size)))
-    if all(s == c for n, s, c in zip(size, stride, contiguous) if n > 1):  # the usual case: a plain view
-        return storage[offset:offset + count].reshape(tuple(size))
-    item = storage.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride),
-                                           writeable=False)
-
-
-class _StorageRecordUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        raise LMDBValueError(f"unsupported tensor storage type {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        return pid
-
-
-_ALLOWED_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("_codecs", "encode"): codecs.encode,  # how pickle protocol 2 writes bytes
-}
-
-
-class _ValueUnpickler(pickle.Unpickler):
-    """Unpickles LMDB values; tensors become numpy arrays and no other global can run (safe on untrusted files)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise LMDBValueError(f"unsupported pickle global {module}.{name}") from None
-
-
-_STORAGE_CALL = re.compile(rb"\x8c\x0dtorch\.storage\x94?\x8c\x10_load_from_bytes\x94?\x93\x94?(?:B(.{4})|C(.))",
-                           re.DOTALL)  # BINBYTES or SHORT_BINBYTES: the nested storage blob
-_TENSOR_ARGS = re.compile(rb"\x94?\x85\x94?R\x94?K\x00(?:K(.)|M(..)|J(.{4}))\x85\x94?K\x01\x85\x94?\x89", re.DOTALL)
-
-
-def _vector_fast_path(data: bytes) -> np.ndarray | None:
-    """A pickled 1-D contiguous tensor (every tensor GR1's LMDB holds) laid out as Python's protocol 4/5 pickler
-    writes it (in one frame: pickles under 64 KB), parsed by position; None for anything else (the general
-    unpickler takes over)."""
-    if len(data) < 64 or data[0] != 0x80 or data[1] not in (4, 5) or b"_rebuild_tensor_v2" not in data[:64]:
-        return None
-    call = _STORAGE_CALL.search(data, 0, 128)
-    if call is None:
-        return None
-    start = call.end()
-    end = start + (struct.unpack("<I", call.group(1))[0] if call.group(1) is not None else call.group(2)[0])
-    args = _TENSOR_ARGS.match(data, end)
-    if args is None:
-        return None
-    size = args.group(1) or args.group(2) or args.group(3)
-    (numel,) = struct.unpack({1: "<B", 2: "<H", 4: "<i"}[len(size)], size)
-    storage = _storage_fast_path(data[start:end])
-    return storage if storage is not None and storage.size == numel else None
-
-
-def loads_value(data: bytes | memoryview) -> Any:
-    """An LMDB value written by GR1-Training or this project -> Python object; tensors -> numpy arrays."""
-    data = bytes(data)
-    vector = _vector_fast_path(data)
-    if vector is not None:
-        return vector
-    return _ValueUnpickler(io.BytesIO(data)).load()
-
-
-def dumps_value(value: Any) -> bytes:
-    """A plain Python value (int, bool, str) as GR1-Training pickles it; numpy arrays as torch tensors."""
-    if isinstance(value, np.ndarray):
-        return dumps_tensor(value)
-    return pickle.dumps(value, protocol=4)
-
-
 # ---------------------------------------------------------------- LMDB keys
 
 CUR_STEP_KEY = b"cur_step"
@@ -455,13 +230,14 @@ def loads_info(data: bytes | None) -> dict[str, Any] | None:
 
 def frame_values(step: int, episode: int, done: bool, frame: dict[str, np.ndarray]) -> list[tuple[bytes, bytes]]:
     """The (key, value) pairs GR1-Training writes for one frame."""
+    jpegs = {cam: np.frombuffer(encode_jpeg(frame[cam]), np.uint8) for cam in CAMERA_SIZES}
     return [
         (step_key("cur_episode", step), dumps_value(episode)),
         (step_key("done", step), dumps_value(done)),
-        (step_key("rgb_static", step), dumps_tensor(np.frombuffer(encode_jpeg(frame["rgb_static"]), np.uint8))),
-        (step_key("rgb_gripper", step), dumps_tensor(np.frombuffer(encode_jpeg(frame["rgb_gripper"]), np.uint8))),
-        (step_key("abs_action", step), dumps_tensor(frame["actions"])),
-        (step_key("rel_action", step), dumps_tensor(frame["rel_actions"])),
-        (step_key("scene_obs", step), dumps_tensor(frame["scene_obs"])),
-        (step_key("robot_obs", step), dumps_tensor(frame["robot_obs"])),
+        (step_key("rgb_static", step), dumps_value(jpegs["rgb_static"])),
+        (step_key("rgb_gripper", step), dumps_value(jpegs["rgb_gripper"])),
+        (step_key("abs_action", step), dumps_value(frame["actions"])),
+        (step_key("rel_action", step), dumps_value(frame["rel_actions"])),
+        (step_key("scene_obs", step), dumps_value(frame["scene_obs"])),
+        (step_key("robot_obs", step), dumps_value(frame["robot_obs"])),
     ]

@@ -11,6 +11,7 @@ Worker processes load the npz frames and JPEG-encode the cameras; the main proce
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -27,6 +29,8 @@ import numpy as np
 
 from config import Config
 from data import calvin_format as cf
+from data.codec import dumps_value
+from processes import pool_worker_init
 
 INFO_VERSION = 1
 WRITER = "GR1 calvin2lmdb"
@@ -134,10 +138,10 @@ class Instructions:
         return cls(tokens, embeddings)
 
     def values(self, episode: int, text: str) -> list[tuple[bytes, bytes]]:
-        pairs = [(cf.episode_key("inst", episode), cf.dumps_value(text)),
-                 (cf.episode_key("inst_token", episode), cf.dumps_tensor(self.tokens[text]))]
+        pairs = [(cf.episode_key("inst", episode), dumps_value(text)),
+                 (cf.episode_key("inst_token", episode), dumps_value(self.tokens[text]))]
         if self.embeddings is not None:
-            pairs.append((cf.episode_key("inst_emb", episode), cf.dumps_tensor(self.embeddings[text])))
+            pairs.append((cf.episode_key("inst_emb", episode), dumps_value(self.embeddings[text])))
         return pairs
 
 
@@ -166,14 +170,35 @@ def new_info(plan: Plan, inst_emb: bool) -> dict:
 
 
 def open_output(output_dir: str, map_size: int) -> lmdb.Environment:
-    os.makedirs(output_dir, exist_ok=True)
-    return lmdb.open(output_dir, map_size=map_size, subdir=True, readonly=False, meminit=False, map_async=False)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConversionError(f"--output_dir {output_dir} is a file, not a directory")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        return lmdb.open(output_dir, map_size=map_size, subdir=True, readonly=False, meminit=False, map_async=False)
+    except lmdb.Error as e:  # e.g. a data.mdb that is not an LMDB
+        raise ConversionError(f"--output_dir {output_dir} holds a file that is not an LMDB ({_first_line(e)}): "
+                              "use --overwrite to replace it or choose another --output_dir") from None
+    except OSError as e:
+        raise ConversionError(f"cannot create the LMDB in {output_dir} ({e.strerror or e})") from None
 
 
-def read_state(env: lmdb.Environment) -> tuple[dict | None, bool]:
-    """(conversion_info or None, whether the LMDB holds any GR1-Training data)."""
-    with env.begin() as txn:
-        return cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY)), txn.get(cf.CUR_STEP_KEY) is not None
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
+def read_state(env: lmdb.Environment, output_dir: str) -> tuple[dict | None, bool]:
+    """(conversion_info or None, whether the LMDB holds any key at all)."""
+    try:
+        with env.begin() as txn:
+            raw, has_data = txn.get(cf.CONVERSION_INFO_KEY), txn.stat()["entries"] > 0
+    except lmdb.Error as e:
+        raise ConversionError(f"{output_dir}: the LMDB cannot be read ({_first_line(e)})") from None
+    try:
+        info = cf.loads_info(raw)
+    except ValueError:  # not JSON: another application's key of the same name
+        info = {}
+    return (info if isinstance(info, dict) or info is None else {}), has_data
 
 
 def remove_lmdb(output_dir: str) -> None:
@@ -186,13 +211,13 @@ def remove_lmdb(output_dir: str) -> None:
 
 def resume_point(info: dict | None, has_data: bool, plan: Plan, output_dir: str) -> int:
     """The first segment still to write; refuses to touch an LMDB this run must not append to."""
-    if info is None:
-        if has_data:
-            raise ConversionError(f"{output_dir} already holds an LMDB that this converter did not write (no "
-                                  "'conversion_info' key): refusing to append to it. Use --overwrite to replace it "
-                                  "or choose another --output_dir")
+    if info is None and not has_data:
         return 0
-    if info.get("writer") != WRITER or info.get("plan_digest") != plan.digest:
+    if info is None or info.get("writer") != WRITER:
+        raise ConversionError(f"{output_dir} already holds an LMDB that this converter did not write (no "
+                              "'conversion_info' record of calvin2lmdb.py): refusing to append to it. Use "
+                              "--overwrite to replace it or choose another --output_dir")
+    if info.get("plan_digest") != plan.digest:
         raise ConversionError(f"{output_dir} holds a conversion of a different input (its segments or instructions "
                               "differ): use --overwrite to replace it or choose another --output_dir")
     if info.get("complete"):
@@ -207,7 +232,9 @@ def _ordered_results(tasks: list[tuple], workers: int) -> Iterator[list[tuple[by
         for task in tasks:
             yield _encode_task(task)
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    # Workers die with this process, even if it is killed with SIGKILL, and leave Ctrl-C to it (processes.py).
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=pool_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque[Future] = deque()
         todo = iter(tasks)
         try:
@@ -218,8 +245,7 @@ def _ordered_results(tasks: list[tuple], workers: int) -> Iterator[list[tuple[by
             while pending:
                 yield pending.popleft().result()
         finally:
-            for future in pending:
-                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)  # on an error or interrupt: no new segment starts
 
 
 @dataclass
@@ -247,23 +273,43 @@ def convert(input_dir: str, output_dir: str, workers: int = 1, commit_every: int
         remove_lmdb(output_dir)
     env = open_output(output_dir, map_size)
     try:
-        info, has_data = read_state(env)
-        start = resume_point(info, has_data, plan, output_dir)
-        if info is not None and info["inst_emb"] != (embedder is not None):
-            raise ConversionError(f"{output_dir} was started {'with' if info['inst_emb'] else 'without'} inst_emb "
-                                  f"(CLIP weights {'found' if info['inst_emb'] else 'not configured'}); resume with "
-                                  "the same clip_ckpt setting or use --overwrite")
-        info = info or new_info(plan, embedder is not None)
-        instructions = Instructions.build([s.text for s in plan.segments], embedder)
-        end = len(plan.segments) if max_segments is None else min(len(plan.segments), max_segments)
-        began = time.perf_counter()
-        frames = _write_segments(env, plan, info, instructions, start, end, workers, commit_every, progress)
-        seconds = time.perf_counter() - began
-        if end == len(plan.segments):
-            _commit(env, [], {**info, "segments_done": end, "complete": True}, None)
-        return ConversionStats(frames, seconds, start)
+        return _convert(env, plan, output_dir, workers, commit_every, embedder, progress, max_segments)
+    except BrokenProcessPool:
+        raise ConversionError("a worker process died (killed, or out of memory?); committed segments are kept: run "
+                              "the same command again to continue") from None
+    except lmdb.MapFullError:
+        raise ConversionError(f"{output_dir}: the LMDB reached its map size ({map_size / 2**30:g} GiB): re-run with "
+                              "a larger --map_size_gb; committed segments are kept") from None
+    except lmdb.Error as e:
+        raise ConversionError(f"{output_dir}: LMDB write failed ({_first_line(e)}); committed segments are "
+                              "kept") from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise ConversionError(f"{output_dir}: no space left on the device; free some and re-run the same command: "
+                              "committed segments are kept") from None
     finally:
         env.close()
+
+
+def _convert(env: lmdb.Environment, plan: Plan, output_dir: str, workers: int, commit_every: int,
+             embedder: TextEmbedder | None, progress: bool, max_segments: int | None) -> ConversionStats:
+    """convert()'s work once the output is open."""
+    info, has_data = read_state(env, output_dir)
+    start = resume_point(info, has_data, plan, output_dir)
+    if info is not None and bool(info.get("inst_emb")) != (embedder is not None):
+        raise ConversionError(f"{output_dir} was started {'with' if info.get('inst_emb') else 'without'} inst_emb "
+                              f"(CLIP weights {'found' if info.get('inst_emb') else 'not configured'}); resume with "
+                              "the same clip_ckpt setting or use --overwrite")
+    info = info or new_info(plan, embedder is not None)
+    instructions = Instructions.build([s.text for s in plan.segments], embedder)
+    end = len(plan.segments) if max_segments is None else min(len(plan.segments), max_segments)
+    began = time.perf_counter()
+    frames = _write_segments(env, plan, info, instructions, start, end, workers, commit_every, progress)
+    seconds = time.perf_counter() - began
+    if end == len(plan.segments):
+        _commit(env, [], {**info, "segments_done": end, "complete": True}, None)
+    return ConversionStats(frames, seconds, start)
 
 
 def _commit(env: lmdb.Environment, pairs: list[tuple[bytes, bytes]], info: dict, last_step: int | None) -> None:
@@ -272,7 +318,7 @@ def _commit(env: lmdb.Environment, pairs: list[tuple[bytes, bytes]], info: dict,
         cursor = txn.cursor()
         cursor.putmulti(pairs)
         if last_step is not None:
-            txn.put(cf.CUR_STEP_KEY, cf.dumps_value(last_step))
+            txn.put(cf.CUR_STEP_KEY, dumps_value(last_step))
         txn.put(cf.CONVERSION_INFO_KEY, cf.dumps_info(info))
 
 

@@ -4,8 +4,8 @@ Item i is the window of seq_len (T) steps starting at step first_step + i, each 
 actions; frames and actions outside the first step's segment are zero and masked. Items equal GR1-Training's
 LMDBDataset items for the same LMDB (fixture ../shared/fixtures/tiny_calvin_lmdb_items.pt), but each is read with
 one LMDB get per distinct value (the reference reads ~110 cur_episode values and every action up to K times), the
-segment of every step is looked up in an array built once, and tensors are unpickled without torch
-(data/calvin_format.py).
+segment of every step is looked up in an array built once, and values are parsed without torch and without running
+code from the LMDB (data/codec.py). A value that cannot be read is an error naming the LMDB and the key.
 
 Shape key: T window (seq_len), K action chunk (chunk_size), H/W camera pixels (200 static, 84 gripper).
 """
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from config import Config, ConfigError, expand_path
 from data import calvin_format as cf
+from data.codec import LMDBValueError, loads_value
 
 
 class DatasetError(ConfigError):
@@ -43,9 +44,37 @@ def open_lmdb(path: str) -> lmdb.Environment:
         return env
     if env is not None:  # inherited through fork: release this process's copy, then open our own
         env.close()
-    env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False)
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False)
+    except lmdb.Error as e:  # not an LMDB, corrupt, unreadable
+        raise DatasetError(f"LMDB {path} cannot be opened ({_lmdb_reason(e)})") from None
     _ENVIRONMENTS[key] = (os.getpid(), env)
     return env
+
+
+def _lmdb_reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+
+
+def read_value(txn: lmdb.Transaction, key: bytes, path: str, required: bool = True) -> object:
+    """The parsed value of `key`; errors (missing, corrupt, not GR1-Training's format) name the LMDB and the key."""
+    try:
+        data = txn.get(key)
+    except lmdb.Error as e:  # e.g. lmdb.CorruptedError
+        raise DatasetError(f"LMDB {path}, key {key.decode(errors='replace')}: {_lmdb_reason(e)}") from None
+    if data is None:
+        if required:
+            raise DatasetError(f"LMDB {path} has no key {key.decode(errors='replace')!r}: it is incomplete or not a "
+                               "GR1/CALVIN LMDB")
+        return None
+    return parse_value(data, key, path)
+
+
+def parse_value(data: bytes, key: bytes, path: str) -> object:
+    try:
+        return loads_value(data)
+    except LMDBValueError as e:
+        raise DatasetError(f"LMDB {path}, key {key.decode(errors='replace')}: unreadable value ({e})") from None
 
 
 @contextlib.contextmanager
@@ -94,31 +123,48 @@ def read_index(path: str) -> LMDBIndex:
         raise FileNotFoundError(f"LMDB_path {path!r} has no data.mdb: convert CALVIN first (python calvin2lmdb.py "
                                 f"--input_dir <task_ABC_D> --output_dir {path}) or set LMDB_path")
     with reading(path) as env, env.begin() as txn:
-        info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
+        info = _read_info(txn, path)
         if info is not None and not info.get("complete"):
             raise DatasetError(f"LMDB {path} is an unfinished conversion ({info.get('segments_done')} of "
                                f"{info.get('num_segments')} segments): re-run the same calvin2lmdb.py command "
                                "to finish it")
-        last = txn.get(cf.CUR_STEP_KEY)
+        last = read_value(txn, cf.CUR_STEP_KEY, path, required=False)
         if last is None:
             raise DatasetError(f"LMDB {path} has no 'cur_step' key: it is empty or not a GR1/CALVIN LMDB")
-        num_steps = int(cf.loads_value(last)) + 1
-        episodes = _read_episode_ids(txn, num_steps, path)
+        if type(last) is not int or last < 0:
+            raise DatasetError(f"LMDB {path}, key cur_step: {last!r:.40} is not a step index")
+        episodes = _read_episode_ids(txn, last + 1, path)
     return LMDBIndex(path, episodes, info)
+
+
+def _read_info(txn: lmdb.Transaction, path: str) -> dict | None:
+    try:
+        info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
+    except (ValueError, lmdb.Error) as e:  # json.JSONDecodeError, UnicodeDecodeError, CorruptedError
+        raise DatasetError(f"LMDB {path}, key conversion_info: unreadable ({type(e).__name__})") from None
+    if info is not None and not isinstance(info, dict):
+        raise DatasetError(f"LMDB {path}, key conversion_info: not a JSON object")
+    return info
 
 
 def _read_episode_ids(txn: lmdb.Transaction, num_steps: int, path: str) -> np.ndarray:
     """cur_episode_{s} for every step, by one ordered scan of the cur_episode_ keys."""
     prefix = b"cur_episode_"
     episodes = np.full(num_steps, -1, dtype=np.int32)
-    cursor = txn.cursor()
-    if cursor.set_range(prefix):
-        for key, value in cursor:
-            if not key.startswith(prefix):
-                break
-            step = int(key[len(prefix):])
-            if step < num_steps:
-                episodes[step] = cf.loads_value(value)
+    try:
+        cursor = txn.cursor()
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not key.startswith(prefix):
+                    break
+                step = int(key[len(prefix):]) if key[len(prefix):].isdigit() else num_steps
+                if step < num_steps:
+                    episode = parse_value(value, key, path)
+                    if type(episode) is not int or not 0 <= episode < 2**31:
+                        raise DatasetError(f"LMDB {path}, key {key.decode()}: {episode!r:.40} is not an episode index")
+                    episodes[step] = episode
+    except lmdb.Error as e:
+        raise DatasetError(f"LMDB {path}: cannot scan the cur_episode_ keys ({_lmdb_reason(e)})") from None
     missing = np.flatnonzero(episodes < 0)
     if len(missing):
         raise DatasetError(f"LMDB {path}: key cur_episode_{missing[0]} is missing ({len(missing)} steps lack one); "
@@ -160,19 +206,24 @@ class LMDBDataset(Dataset):
     def __getstate__(self) -> dict:  # DataLoader workers open their own LMDB handle and make their own buffers
         return {**self.__dict__, "_env": None, "_txn": None, "_pid": -1, "_ring": [], "_ring_pid": -1}
 
-    def _get(self, key: bytes) -> object:
+    def _get(self, key: bytes, shape: tuple[int | None, ...] | None = None) -> object:
+        """The value of `key`; with `shape` (None: any size), a numeric array of that shape (anything else is an error
+        naming the key, so that a malformed value cannot silently become wrong training data)."""
         if self._pid != os.getpid():  # first use in this process (a forked worker must not share the handle)
             self._env = open_lmdb(self.index.path)
             self._txn = self._env.begin()
             self._pid = os.getpid()
-        value = self._txn.get(key)
-        if value is None:
-            raise KeyError(f"LMDB {self.index.path} has no key {key.decode()!r}")
-        return cf.loads_value(value)
+        value = read_value(self._txn, key, self.index.path)
+        if shape is not None and not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and len(shape) ==
+                                      value.ndim and all(n in (None, m) for n, m in zip(shape, value.shape))):
+            got = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise DatasetError(f"LMDB {self.index.path}, key {key.decode()}: expected a numeric array of shape "
+                               f"{shape}, got {got}")
+        return value
 
     def _inst_token(self, episode: int) -> np.ndarray:
         if episode not in self._tokens:
-            self._tokens[episode] = np.array(self._get(cf.episode_key("inst_token", episode)))
+            self._tokens[episode] = np.array(self._get(cf.episode_key("inst_token", episode), (None,)))
         return self._tokens[episode]
 
     def _valid_steps(self, step: int) -> np.ndarray:
@@ -239,7 +290,7 @@ class LMDBDataset(Dataset):
         mask = valid[:T, None] & valid[offsets]  # (T, K)
         chunk = np.zeros((T + K - 1, cf.ACTION_DIM), dtype=np.float32)
         for f in np.unique(offsets[mask]):  # each action read once
-            chunk[f] = self._get(cf.step_key(self.action_key, step + f))  # float64 -> float32, as the reference
+            chunk[f] = self._get(cf.step_key(self.action_key, step + f), (cf.ACTION_DIM,))  # float64 -> float32
         chunk[:, -1] = cf.gripper_action_to_binary(chunk[:, -1])  # in float32, as the reference
         out["actions"][...] = np.where(mask[..., None], chunk[offsets], np.float32(0))  # (T, K, 7)
         out["mask"][...] = mask
@@ -250,15 +301,22 @@ class LMDBDataset(Dataset):
                 for cam in cf.CAMERA_SIZES:
                     out[cam][i] = 0
                 continue
-            robot_obs = self._get(cf.step_key("robot_obs", step + i))
+            key = cf.step_key("robot_obs", step + i)
+            robot_obs = self._get(key, (cf.ROBOT_OBS_DIM,))
             out["arm_state"][i] = robot_obs[:cf.ARM_DIM]
-            out["gripper_state"][i, cf.gripper_state_index(robot_obs[-1])] = 1
+            try:
+                out["gripper_state"][i, cf.gripper_state_index(robot_obs[-1])] = 1
+            except (ValueError, OverflowError) as e:  # not -1 / +1, NaN or inf
+                raise DatasetError(f"LMDB {self.index.path}, key {key.decode()}: {e}") from None
             for cam, size in cf.CAMERA_SIZES.items():
                 key = cf.step_key(cam, step + i)
+                jpeg = self._get(key)
+                if not isinstance(jpeg, np.ndarray) or jpeg.dtype != np.uint8 or jpeg.ndim != 1:
+                    raise DatasetError(f"LMDB {self.index.path}, key {key.decode()}: not JPEG bytes (a uint8 vector)")
                 try:
-                    cf.decode_jpeg_chw(self._get(key), size, out=out[cam][i])
+                    cf.decode_jpeg_chw(jpeg, size, out=out[cam][i])
                 except ValueError as e:
-                    raise ValueError(f"LMDB {self.index.path}, key {key.decode()}: {e}") from e
+                    raise DatasetError(f"LMDB {self.index.path}, key {key.decode()}: {e}") from None
         out["inst_token"][...] = self._inst_token(int(self.index.episode_of_step[step]))
 
 

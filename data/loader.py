@@ -5,7 +5,9 @@ pure function of (seed, epoch, rank, world size) and a resumed run can start mid
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import Config
 from data.lmdb_dataset import collate_batch
+from processes import end_workers_at_exit, worker_init
 
 
 class EpochSampler(Sampler[int]):
@@ -31,14 +34,17 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This process's indices of `epoch`, from its first batch (a pure function of seed, epoch, rank, world)."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        mine = order[self.rank::self.world][:self.per_rank]
-        return iter(mine[self.start:].tolist())
+        return order[self.rank::self.world][:self.per_rank].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices(self.epoch)[self.start:])
 
     def __len__(self) -> int:
         return self.per_rank - self.start
@@ -60,10 +66,12 @@ def make_loader(dataset: Dataset, cfg: Config, rank: int, world: int, train: boo
     workers = cfg.workers_per_gpu
     if workers > 0:
         reuse_worker_buffers(dataset, cfg.prefetch_factor)
+        end_workers_at_exit()  # the workers leave SIGINT / SIGTERM to this process (processes.worker_init)
     return DataLoader(
         dataset, batch_size=cfg.bs_per_gpu, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         drop_last=train, prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=workers > 0, collate_fn=collate_batch,  # batches written in place, not stacked
+        worker_init_fn=functools.partial(worker_init, os.getpid()),  # workers die with this process
         # The loader's own generator seeds the workers, so iterating never consumes the global RNG (augmentation).
         generator=torch.Generator().manual_seed(cfg.seed + seed_offset))
 

@@ -17,21 +17,15 @@ header lists (dtype, shape); no pickle.
                     action {frames} + action (7,) [, rgb_static_pred, rgb_gripper_pred] | error {error}; close
     worker -> main: ready {renderer} | failed {error}; reset; act {instruction} + rgb_static, rgb_gripper,
                     robot_obs; subtask {record}; done {result, stats}
-The worker dies with its parent: PR_SET_PDEATHSIG on Linux, a thread that watches the parent's pid, and the end of
-the socket stream.
+The worker dies with its parent (processes.pool_worker_init: the kernel's parent-death signal, or a thread that
+watches the parent where that is unavailable) and leaves Ctrl-C to it; a closed socket also ends it.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
-import signal
 import socket
 import struct
-import sys
-import threading
-import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -39,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from processes import pool_worker_init
+
 _LENGTH = struct.Struct("!I")
 _DTYPES = ("uint8", "float32", "float64", "int64")
-PARENT_CHECK_SECONDS = 0.5
 
 
 # ---------------------------------------------------------------- messages
@@ -111,21 +106,6 @@ class RemotePolicy:
         return {"action": arrays[0], **dict(zip(header["frames"], arrays[1:]))}
 
 
-def _die_with_parent(parent: int) -> None:
-    """Exit as soon as the parent process is gone (it may be SIGKILLed and never tell us)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent exits
-    if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
 def serve(sock: socket.socket) -> None:
     """Build the env from the init message, then evaluate the sequences the main process sends until it closes."""
     from evaluation.backends import EnvSpec, make_env, make_oracle, make_worker_policy
@@ -167,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True, help="this worker's end of the socket pair")
     parser.add_argument("--parent", type=int, required=True, help="pid of the process that started it")
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # Dies with its parent (even a SIGKILLed one); Ctrl-C reaches the whole process group: the parent decides
+    pool_worker_init(args.parent)
     with socket.socket(fileno=args.fd) as sock:
         serve(sock)
 

@@ -175,10 +175,14 @@ class FrozenEncoders(nn.Module):
             return self._embed(tokens)
         keys = [row.tobytes() for row in tokens.detach().to("cpu", torch.int32).numpy()]
         missing = sorted({k for k in keys if k not in self._text_cache})
-        if missing:
-            if len(self._text_cache) + len(missing) > 65536:  # bound memory for pathological inputs
-                self._text_cache = {}
-            self._text_cache.update(zip(missing, self._embed(tokens[[keys.index(k) for k in missing]])))
+        if len(self._text_cache) + len(missing) > 65536:  # bound memory for pathological inputs
+            self._text_cache = {}
+        for key in missing:
+            # One instruction at a time: a batched matmul's rounding depends on the batch, so an embedding computed
+            # alongside others would depend on which batch met the instruction first, and a resumed run (empty
+            # cache) would differ from an uninterrupted one in the last bits.
+            row = keys.index(key)
+            self._text_cache[key] = self._embed(tokens[row:row + 1])[0]
         return torch.stack([self._text_cache[k] for k in keys])
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:

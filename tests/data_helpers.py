@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import shutil
 
+import lmdb
 import numpy as np
 import pytest
 import torch
 
 from conftest import shared_path
+from data import calvin_format as cf
 from data.convert import convert
 from data.lmdb_dataset import reading
 
@@ -55,6 +57,22 @@ def mini_lmdb(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("mini_lmdb") / "lmdb")
     convert(source, out, workers=1, progress=False)
     return out
+
+
+def segments_done(path: str) -> int:
+    """The converter's committed segments in the LMDB at `path` (0 while it does not exist yet)."""
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return 0
+    try:  # the writer may be creating the file right now
+        env = lmdb.open(path, readonly=True, lock=False)
+    except lmdb.Error:
+        return 0
+    try:
+        with env.begin() as txn:
+            info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
+    finally:
+        env.close()
+    return 0 if info is None else info["segments_done"]
 
 
 def copy_lmdb(src: str, dst: str) -> str:

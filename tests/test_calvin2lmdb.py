@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import lmdb
 import numpy as np
 import pytest
 import torch
@@ -18,7 +17,15 @@ from conftest import ROOT
 from data import calvin_format as cf
 from data.convert import ConversionError, convert
 from data.lmdb_dataset import DatasetError, LMDBDataset, close_lmdb, ratio_window_range, read_index
-from data_helpers import assert_items_equal, copy_lmdb, lmdb_contents, make_split_root, mini_calvin, mini_lmdb  # noqa
+from data_helpers import (  # noqa: F401 (fixture)
+    assert_items_equal,
+    copy_lmdb,
+    lmdb_contents,
+    make_split_root,
+    mini_calvin,
+    mini_lmdb,
+    segments_done,
+)
 from models.encoders import tokenize
 
 # (split, first frame, last frame, instruction) of mini_calvin, as its README lists them
@@ -105,21 +112,6 @@ def test_resume_after_failure_gives_identical_content(mini_lmdb, tmp_path):
     assert lmdb_contents(out) == lmdb_contents(mini_lmdb)
 
 
-def _segments_done(path: str) -> int:
-    if not os.path.exists(os.path.join(path, "data.mdb")):
-        return 0
-    try:  # the writer may be creating the file right now
-        env = lmdb.open(path, readonly=True, lock=False)
-    except lmdb.Error:
-        return 0
-    try:
-        with env.begin() as txn:
-            info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
-    finally:
-        env.close()
-    return 0 if info is None else info["segments_done"]
-
-
 def _run_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "calvin2lmdb.py"), *args, "--no_progress"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -130,13 +122,13 @@ def test_resume_after_sigkill_gives_identical_content(mini_lmdb, tmp_path):
     args = ("--input_dir", mini_calvin(), "--output_dir", out, "--workers", "1", "--commit_every", "1")
     process = _run_cli(*args)
     deadline = time.time() + 60
-    while _segments_done(out) < 1 and process.poll() is None and time.time() < deadline:
+    while segments_done(out) < 1 and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     finished_early = process.poll() is not None
     process.send_signal(signal.SIGKILL)
     output = process.communicate()[0]
     assert not finished_early, f"the converter ended before it could be killed:\n{output}"
-    done = _segments_done(out)
+    done = segments_done(out)
     assert 1 <= done < len(WINDOWS), f"the kill should land mid-conversion (segments done: {done})"
     finished = _run_cli(*args)
     output, _ = finished.communicate(timeout=120)

@@ -1,9 +1,6 @@
-"""data/calvin_format.py: torch-free tensor pickles, JPEG coding, gripper mapping, raw CALVIN reading."""
-import datetime
+"""data/calvin_format.py: JPEG coding, gripper mapping, raw CALVIN reading, the key schema."""
 import os
 import pickle
-import pickletools
-import re
 
 import numpy as np
 import pytest
@@ -11,68 +8,8 @@ import torch
 
 from conftest import shared_path
 from data import calvin_format as cf
+from data.codec import loads_value
 from data.lmdb_dataset import reading
-
-ARRAYS = [np.arange(7, dtype=np.float64) / 3, np.linspace(-1, 1, 15, dtype=np.float32), np.arange(77, dtype=np.int32),
-          np.arange(300).astype(np.uint8), np.linspace(0, 1, 512).astype(np.float16), np.array(3.5),
-          np.arange(12, dtype=np.float64).reshape(3, 4), np.array([True, False]), np.arange(70000, dtype=np.int64)]
-
-
-def _blob(pickled: bytes) -> bytes:
-    """The nested torch.save blob inside a pickled tensor."""
-    return next(arg for op, arg, _ in pickletools.genops(pickled) if op.name in ("BINBYTES", "BINBYTES8"))
-
-
-@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(a.shape)}")
-def test_dumps_tensor_is_what_torch_unpickles(array):
-    value = cf.dumps_tensor(array)
-    tensor = pickle.loads(value)  # torch's own unpickling, as GR1-Training's reader does
-    expected = torch.from_numpy(array)
-    assert tensor.dtype == expected.dtype and tensor.shape == expected.shape and torch.equal(tensor, expected)
-    assert value == cf.dumps_tensor(array.copy()), "serialisation must be deterministic"
-
-
-@pytest.mark.parametrize("array", ARRAYS[:4], ids=lambda a: str(a.dtype))
-def test_storage_blob_equals_torchs_up_to_the_storage_key(array):
-    theirs = _blob(pickle.dumps(torch.from_numpy(array)))
-    key = re.search(rb"q\x01X(....)(\d+)q\x02", theirs).group(2)  # torch uses the storage's address
-    ours = _blob(cf.dumps_tensor(array)).replace(b"X\x01\x00\x00\x000q", b"X" + len(key).to_bytes(4, "little") + key
-                                                  + b"q")
-    assert ours == theirs
-
-
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_loads_value_reads_every_value_of_the_reference_lmdb(monkeypatch, fast_path):
-    if not fast_path:  # the general parser, used when a value is not laid out exactly as torch writes it today
-        monkeypatch.setattr(cf, "_storage_fast_path", lambda blob: None)
-        monkeypatch.setattr(cf, "_vector_fast_path", lambda data: None)
-    with reading(shared_path("fixtures", "tiny_calvin_lmdb")) as env, env.begin() as txn:
-        values = dict(txn.cursor())
-    assert len(values) == 162
-    for key, value in values.items():
-        ours, theirs = cf.loads_value(value), pickle.loads(value)
-        if isinstance(theirs, torch.Tensor):
-            assert ours.dtype == theirs.numpy().dtype and np.array_equal(ours, theirs.numpy()), key
-        else:
-            assert type(ours) is type(theirs) and ours == theirs, key
-
-
-@pytest.mark.parametrize("writer", ["ours", "torch"])
-def test_vector_fast_path_reads_every_1d_tensor(writer):
-    for array in ARRAYS:
-        data = cf.dumps_tensor(array) if writer == "ours" else pickle.dumps(torch.from_numpy(array))
-        fast = cf._vector_fast_path(data)
-        if array.ndim == 1 and len(data) < 65536:
-            assert fast is not None and fast.dtype == array.dtype and np.array_equal(fast, array)
-        elif array.ndim != 1:  # anything else is left to the general unpickler
-            assert fast is None
-
-
-def test_loads_value_reads_non_contiguous_tensors_and_refuses_other_globals():
-    t = torch.arange(12.0).reshape(3, 4).t()[1:]
-    assert np.array_equal(cf.loads_value(pickle.dumps(t)), t.numpy())
-    with pytest.raises(cf.LMDBValueError, match="datetime.date"):
-        cf.loads_value(pickle.dumps(datetime.date(2024, 1, 1)))
 
 
 @pytest.fixture(params=["Pillow", "simplejpeg"])
@@ -91,7 +28,7 @@ def test_jpeg_decode_gives_the_reference_pixels(jpeg_decoder):
     with reading(shared_path("fixtures", "tiny_calvin_lmdb")) as env, env.begin() as txn:
         for step in range(4):  # item 0 shows steps 0..3
             for cam, size in cf.CAMERA_SIZES.items():
-                jpeg = cf.loads_value(txn.get(cf.step_key(cam, step)))
+                jpeg = loads_value(txn.get(cf.step_key(cam, step)))
                 assert np.array_equal(cf.decode_jpeg_chw(jpeg, size), items[0][cam][step].numpy())
                 assert np.array_equal(cf.decode_jpeg(jpeg, size).transpose(2, 0, 1), items[0][cam][step].numpy())
 

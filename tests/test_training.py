@@ -90,12 +90,12 @@ def test_two_cpu_processes_train_and_save_one_checkpoint(lmdb_path, tmp_path):
     # each process trains on its own half of the windows
     assert metrics(save)[-1]["batches"] == len(train_set) // 2 // load_config(TINY).bs_per_gpu
     state = os.path.join(save, "state")
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(state))
+    assert {"rng_0.pt", "rng_0.json", "rng_1.pt", "rng_1.json", "model.pt", "optimizer.pt", "run.json"} <= set(
+        os.listdir(state)) and not any(name.endswith(".pkl") for name in os.listdir(state))
 
 
 def _final_weights(save: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file as load_safetensors
-    return load_safetensors(os.path.join(save, "state", "model.safetensors"))
+    return load_file(os.path.join(save, "state", "model.pt"))
 
 
 def test_killed_run_resumes_exactly(lmdb_path, tmp_path):
