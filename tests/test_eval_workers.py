@@ -138,13 +138,23 @@ def test_env_workers_give_the_sequential_results_with_the_expert(n_envs, expert_
     assert summary["run"]["env_steps"] == sum(s["steps"] for r in sequential_expert for s in r["subtasks"])
 
 
-def test_two_processes_with_two_env_workers_each_give_the_sequential_results_with_the_expert(sequential_expert,
+def test_two_processes_with_two_env_workers_each_give_the_sequential_results_with_the_expert(expert_sequences,
+                                                                                               sequential_expert,
                                                                                                tmp_path):
-    from test_protocol import launch_evaluation
-    proc = launch_evaluation(2, "eval_policy=expert", f"builtin_tasks={TASKS}", "num_sequences=8",
-                             f"ep_len={EXPERT_EP_LEN}", "eval_envs_per_process=2", f"eval_dir={tmp_path}")
-    assert "2 process(es) x 2 env(s)" in proc.stdout
+    """Processes 1 then 0 of 2 (the accelerate launch of 2 processes x 2 envs runs in test_protocol.py with GR-1;
+    here a fake gather hands rank 1's results to rank 0, which saves two process launches)."""
+    gathered: list = []
+
+    def gather(items: list, rank: int) -> list:
+        gathered[len(gathered) if rank else 0:0] = items
+        return list(gathered)
+
+    for rank in (1, 0):
+        with EnvPool(2, EnvSpec(render=False), "expert", INSTRUCTIONS, EXPERT_EP_LEN) as pool:
+            summary = run_sharded(pool.evaluate, expert_sequences, str(tmp_path), rank, 2,
+                                  lambda items, rank=rank: gather(items, rank), progress=False, envs_per_process=2)
     assert rows(tmp_path) == sequential_expert
+    assert (summary["run"]["processes"], summary["run"]["envs_per_process"]) == (2, 2)
 
 
 class Recording:
