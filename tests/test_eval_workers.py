@@ -1,9 +1,10 @@
 """Evaluation with env worker processes (evaluation/pool.py, evaluation/env_worker.py) and batched GR-1 queries
 (evaluation/policy.py), in the built-in scene:
 - batched GR-1 queries over envs with different history lengths equal per-env queries;
-- 1 env and 3 envs per process give the sequential protocol's per-sequence results (steps per subtask), with the
-  scripted expert (inside the workers) and with a fixed-weight tiny GR-1 (served in batches by this process; its
-  actions and the states they lead to are compared too); 2 processes x 2 envs are in test_protocol.py;
+- 1 env, 3 envs per process and 2 processes x 2 envs give the sequential protocol's per-sequence results (steps
+  per subtask) on 8 sequences, with the scripted expert (inside the workers) and with a fixed-weight tiny GR-1
+  (served in batches by this process; its actions and the states they lead to are compared too; its 2 x 2 run is an
+  accelerate launch in test_protocol.py);
 - a killed worker and a policy exception are recorded and the run completes; workers die with their parent;
 - resume with any number of envs neither repeats nor loses a sequence, and refuses another evaluation's files;
 - sequence slices, run statistics, the software-renderer warning.
