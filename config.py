@@ -121,6 +121,9 @@ class Config:
     #                         shift per group, each distinct frame encoded once (1 = independent windows; README)
     log_with: str = "tensorboard"  # experiment trackers (accelerate): 'tensorboard', 'wandb', ... comma-separated;
     #                                'none' = metrics.jsonl and training_curves.png only
+    eval_envs_per_process: int = 1  # simulator worker processes per accelerate process (about the CPU cores per GPU)
+    eval_reset: str = "deterministic"  # 'deterministic' (reset restores the whole simulator state) or 'reference'
+    eval_sequence_count: int = 0  # evaluate sequences [eval_sequence_start, start + this) of the list (0 = to its end)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) that load_config reads back to an equal Config."""
@@ -153,10 +156,11 @@ _CHOICES = {
     "split": ("auto", "calvin", "ratio"),
     "eval_backend": ("builtin", "calvin"),
     "eval_policy": ("gr1", "zero", "expert"),
+    "eval_reset": ("deterministic", "reference"),
 }
 _MUST_BE_TRUE = ("use_hand_rgb", "act_pred", "fwd_pred", "fwd_pred_hand")
 _NON_NEGATIVE = ("load_epoch", "skip_frame", "workers_per_gpu", "save_steps", "max_train_steps", "rgb_static_pad",
-                 "rgb_gripper_pad", "seed", "eval_sequence_start")
+                 "rgb_gripper_pad", "seed", "eval_sequence_start", "eval_sequence_count")
 _POSITIVE_FLOATS = ("lr_max",)
 _NON_NEGATIVE_FLOATS = ("weight_decay", "arm_loss_ratio", "num_warmup_epochs")
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -248,6 +252,14 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail(f"'test_chunk_size' ({cfg.test_chunk_size}) cannot exceed 'chunk_size' ({cfg.chunk_size})")
     if cfg.skip_frame >= cfg.seq_len:
         fail(f"'skip_frame' ({cfg.skip_frame}) must be smaller than 'seq_len' ({cfg.seq_len})")
+    if cfg.eval_policy == "expert" and cfg.eval_backend != "builtin":
+        fail("'eval_policy'='expert' exists only in the built-in scene (eval_backend='builtin')")
+    if cfg.eval_sequence_start >= cfg.num_sequences:
+        fail(f"'eval_sequence_start' ({cfg.eval_sequence_start}) must be smaller than 'num_sequences' "
+             f"({cfg.num_sequences})")
+    if cfg.eval_sequence_start + cfg.eval_sequence_count > cfg.num_sequences:
+        fail(f"'eval_sequence_start' + 'eval_sequence_count' ({cfg.eval_sequence_start} + {cfg.eval_sequence_count}) "
+             f"exceeds 'num_sequences' ({cfg.num_sequences})")
     if cfg.load_grmg_ckpt and cfg.load_bytedance_ckpt:
         fail("'load_grmg_ckpt' and 'load_bytedance_ckpt' are both true: choose one starting checkpoint")
     if cfg.load_grmg_ckpt and not cfg.grmg_ckpt_path:

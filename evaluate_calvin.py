@@ -1,10 +1,11 @@
 """Evaluate a GR-1 checkpoint with CALVIN's multi-step protocol:
     accelerate launch evaluate_calvin.py [--config configs.json] [key=value ...]
 
-The sequences are split over the processes (none dropped); results of all of them are gathered and written to
+The sequences are split over the processes (none dropped); each process runs eval_envs_per_process simulators in
+worker processes, served by one policy with batched queries. Results of all sequences are gathered and written to
 eval_dir (default save_path/eval/): success_rate.txt, result.txt (GR1-Training's formats), sequences.jsonl,
-chain_success.png and, with record_evaluation_video=true, videos/. eval_backend=builtin (default) uses the built-in
-pybullet scene; eval_backend=calvin the real CALVIN simulator (calvin_env).
+chain_success.png, task_success.png and, with record_evaluation_video=true, videos/. eval_backend=builtin (default)
+uses the built-in pybullet scene; eval_backend=calvin the real CALVIN simulator (calvin_env).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from config import Config, ConfigError, add_config_arguments, config_from_args, explicit_keys, save_config
+from config import Config, ConfigError, add_config_arguments, config_from_args, explicit_keys
+from evaluation.pool import EvalWorkerError
 from models.build import CheckpointError, build_model, config_for_checkpoint, default_weights_path
+from processes import die_with_launcher
 
 
 def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
@@ -26,7 +29,7 @@ def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
     from evaluation.runner import evaluate
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
-    encoders = gr1 = None
+    encoders = gr1 = weights = None
     if cfg.eval_policy == "gr1":
         weights = default_weights_path(cfg, for_eval=True)
         if weights is None:
@@ -37,18 +40,17 @@ def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
         gr1.eval()
         acc.print(report)
     out_dir = cfg.eval_dir or os.path.join(cfg.save_path, "eval")
-    if acc.is_main_process:
-        save_config(cfg, os.path.join(out_dir, "config.json"))
     with torch.no_grad():
-        return evaluate(cfg, encoders, gr1, acc, out_dir)
+        return evaluate(cfg, encoders, gr1, acc, out_dir, weights)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     args = parser.parse_args()
+    die_with_launcher()  # under accelerate launch / torchrun: a killed launcher ends this process (and its env workers)
     try:
         main(config_from_args(args), explicit_keys(args))
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, EvalWorkerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

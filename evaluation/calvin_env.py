@@ -5,22 +5,40 @@
 observations, relative actions with the gripper binarised. `make_calvin_oracle` builds CALVIN's task oracle. Both
 speak the interfaces of evaluation/interfaces.py, so evaluation/protocol.py drives them like the built-in scene.
 
-calvin_env, hydra, omegaconf and gym are imported inside the functions that need them: importing this module never
-fails, and using it without calvin_env raises `CalvinEnvNotInstalledError` with installation instructions
-(also in scripts/install_calvin_env.sh).
+Deterministic reset (the default): calvin_env's reset sets the joints and object poses but keeps what the previous
+sequence left behind: block velocities, the last gripper command (robot_obs[14]) and bullet's contact manifolds
+(warm-started contact impulses, which restoreState does not touch either). Zeroing the velocities and the gripper
+command is not enough: a block resting where a block rested before keeps its old contact points, and the states drift
+apart from the first contact on. So each reset rebuilds the world as a fresh env does (PlayTableSimEnv.load(): reset
+the bullet simulation, reload robot and scene, ~0.15-0.3 s), sets the gripper command from robot_obs, then resets as
+calvin_env. One more thing carries over: loading a block places it at a pose drawn from the scene's random generator
+before reset moves it, and bullet's broadphase tree (so the order in which contacts are solved, so the last bits of
+the states) depends on where bodies were inserted. The rebuild therefore draws those poses from the generator state
+a fresh env starts from (the config's seed), and leaves the generator where it was (random layouts of
+reset(scene_obs=None) go on as before). A sequence's states and images then equal those of a fresh env, whatever ran
+before (tested, bit for bit). pybullet's EGL plugin keeps ~12 MB per reload (textures), which only a new physics
+client frees, so every RENEW_EVERY deterministic resets the env also replaces its physics client (~1 s), which gives
+the same world. reset='reference' keeps calvin_env's plain reset, for comparisons with numbers measured that way.
+
+calvin_env, hydra, omegaconf, gym and torch are imported inside the functions that need them: importing this module
+never fails and stays light (env worker processes import it), and using it without calvin_env raises
+`CalvinEnvNotInstalledError` with installation instructions (also in scripts/install_calvin_env.sh).
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +60,20 @@ INSTALL_HELP = (
     "scripts/install_calvin_env.sh). The tacto submodule is not needed: the tactile camera is never built. "
     "Without calvin_env, use eval_backend=builtin."
 )
+
+
+# OpenGL renderers that draw on the CPU. Scores move with the renderer (Seer#7, OpenHelix#18), and they are ~10x slower.
+SOFTWARE_RENDERERS = ("llvmpipe", "softpipe", "swrast", "osmesa", "software rasterizer")
+SOFTWARE_RENDERER_HELP = (
+    "calvin_env renders with the software OpenGL renderer {renderer!r} although CUDA is available: images (and so "
+    "scores) differ from GPU rendering, which CALVIN's data was rendered with, and it is ~10x slower. Make EGL find "
+    "the NVIDIA driver: install the driver's EGL/GL libraries (Debian/Ubuntu: libnvidia-gl-<driver version>, which "
+    "provides /usr/share/glvnd/egl_vendor.d/10_nvidia.json; in Docker run with "
+    "NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics) and libegl1 (glvnd)."
+)
+RESETS = ("deterministic", "reference")
+RENEW_EVERY = 10  # deterministic resets between two new physics clients (bounds the EGL plugin's memory growth)
+T = TypeVar("T")
 
 
 class CalvinEnvNotInstalledError(ImportError):
@@ -101,9 +133,14 @@ def load_render_config(dataset_path: str) -> Any:
     return omegaconf.OmegaConf.load(path)
 
 
-def set_egl_device(device: torch.device | str) -> int | None:
-    """Render on the GPU that runs the policy: set EGL_VISIBLE_DEVICES to the EGL device of `device` when it is a
-    CUDA device and CUDA exists; return that EGL id, or None (CPU: EGL picks its default, e.g. Mesa llvmpipe)."""
+def set_egl_device(device: Any) -> int | None:
+    """Render on the GPU that runs the policy: set EGL_VISIBLE_DEVICES to the EGL device of `device` (a
+    torch.device or its name) when it is a CUDA device and CUDA exists; return that EGL id, or None (CPU: EGL picks
+    its default, e.g. Mesa llvmpipe). Env worker processes inherit the variable."""
+    if not str(device).startswith("cuda"):
+        return None
+    import torch
+
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -154,16 +191,84 @@ def binarize_gripper(action: Any) -> np.ndarray:
     return action
 
 
+def software_renderer(renderer: str) -> bool:
+    """Whether an OpenGL renderer string (GL_RENDERER) names a renderer that draws on the CPU."""
+    return any(name in renderer.lower() for name in SOFTWARE_RENDERERS)
+
+
+def _capture_c_stdout(build: Callable[[], T]) -> tuple[T, str]:
+    """(build(), what it printed to the process's stdout, C code included: pybullet's EGL plugin prints its renderer
+    there). The output is shown on stderr if build() raises."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            result = build()
+        except BaseException:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+        sink.seek(0)
+        return result, sink.read().decode(errors="replace")
+
+
+def _renderer_name(printed: str) -> str:
+    """The GL_RENDERER line pybullet's EGL plugin prints while loading ('' with another renderer)."""
+    for line in printed.splitlines():
+        for prefix in ("GL_RENDERER=", "Renderer = "):
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+    return ""
+
+
 class CalvinEnv:
     """calvin_env's PlayTableSimEnv behind the EvalEnv interface; observations are calvin_env's raw dicts
     ({'rgb_obs': {'rgb_static', 'rgb_gripper'}, 'depth_obs': {...}, 'robot_obs', 'scene_obs'})."""
 
-    def __init__(self, sim: Any) -> None:
+    def __init__(self, sim: Any, reset: str = "deterministic", renderer: str = "",
+                 load_rng_state: dict | None = None, build: Callable[[], Any] | None = None) -> None:
+        if reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
         self.sim = sim  # the PlayTableSimEnv itself, for anything not covered here
+        self.reset_mode = reset
+        self.renderer = renderer  # OpenGL renderer of the EGL plugin ('' when unknown)
+        # The scene generator's state when a fresh env loaded its world (block load poses are drawn from it)
+        self.load_rng_state = load_rng_state or sim.scene.np_random.bit_generator.state
+        self._build = build  # a new PlayTableSimEnv (None: never renewed)
+        self.renew_every, self._rebuilds = RENEW_EVERY, 0
 
     def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None) -> dict:
-        """Set the robot and scene state (random block placement for a missing scene_obs) and render."""
+        """Set the robot and scene state (random block placement for a missing scene_obs) and render. Deterministic
+        mode first rebuilds the world and restores the gripper command (see the module docstring)."""
+        if self.reset_mode == "deterministic":
+            self._rebuild()
+            if robot_obs is not None:
+                # robot_obs[14] is the last gripper command; calvin_env's reset keeps the previous sequence's
+                self.sim.robot.gripper_action = 1 if robot_obs[14] > 0 else -1
         return self.sim.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+
+    def _rebuild(self) -> None:
+        """The world of a fresh env: reset the bullet simulation and load robot and scene as its constructor did,
+        with the blocks' load poses drawn as then (every renew_every times in a new physics client)."""
+        self._rebuilds += 1
+        if self._build is not None and self._rebuilds % self.renew_every == 0:
+            self.close()
+            self.sim = self._build()
+        rng = self.sim.scene.np_random.bit_generator
+        current, rng.state = rng.state, self.load_rng_state
+        try:
+            self.sim.load()
+        finally:
+            rng.state = current
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, dict]:
         """One 30 Hz control step (8 physics substeps) with a relative action: xyz (x 0.02 m), Euler xyz
@@ -186,15 +291,23 @@ class CalvinEnv:
             self.sim.cid = -1
 
 
-def make_calvin_env(dataset_path: str, device: torch.device | str = "cpu") -> CalvinEnv:
+def make_calvin_env(dataset_path: str, device: Any = "cpu", reset: str = "deterministic") -> CalvinEnv:
     """The real CALVIN env for evaluation: the rendering config of `dataset_path` (a CALVIN split folder with
     validation/.hydra/merged_config.yaml) or, when dataset_path is '', the shipped scene-D config; rendering is
-    pinned to `device`'s GPU when it is a CUDA device (EGL), else EGL's default renderer is used.
+    pinned to `device`'s GPU when it is a CUDA device (EGL), else EGL's default renderer is used. `reset`:
+    'deterministic' or 'reference' (see the module docstring). The env's `renderer` is the OpenGL renderer name.
     Build one env per process (as GR1-Training does) and close it before building another: calvin_env talks to
     pybullet's default client in places, so two live envs in one process would interfere."""
     render_config = load_render_config(dataset_path)
     set_egl_device(device)
-    return CalvinEnv(_build_sim(render_config))
+
+    def build() -> Any:
+        return _capture_c_stdout(lambda: _build_sim(render_config))
+
+    sim, printed = build()
+    # PlayTableSimEnv seeds its generator with gym's np_random(env.seed), then loads the world from it
+    fresh_rng = _import("gym.utils.seeding").np_random(render_config.env.get("seed"))[0]
+    return CalvinEnv(sim, reset, _renderer_name(printed), fresh_rng.bit_generator.state, lambda: build()[0])
 
 
 def make_calvin_oracle() -> Any:

@@ -1,8 +1,9 @@
 """The small interfaces the evaluation protocol is written against (structural typing, nothing to inherit).
 
 Both environment backends (the real CALVIN simulator in evaluation/calvin_env.py and the built-in pybullet scene in
-evaluation/builtin_env/) speak calvin_env's interface, and the GR-1 policy (evaluation/policy.py) speaks the
-policy interface, so evaluation/protocol.py never needs to know which one it drives.
+evaluation/builtin_env/) speak calvin_env's interface, and the GR-1 policy (evaluation/policy.py) speaks the policy
+interfaces (one env: EvalPolicy; many envs with batched queries: BatchPolicy), so evaluation/protocol.py and
+evaluation/pool.py never need to know which one they drive.
 
 Observation dict (calvin_env's, raw): {'rgb_obs': {'rgb_static': uint8 (200, 200, 3), 'rgb_gripper': uint8 (84, 84, 3)},
 'robot_obs': float64 (15,), 'scene_obs': float64 (24,) or the scene's own length, ...}.
@@ -39,4 +40,16 @@ class EvalPolicy(Protocol):
     def step(self, obs: dict, instruction: str) -> dict[str, Any]:
         """{'action': float (7,) np.ndarray} plus, when the policy records videos, 'rgb_static_pred' uint8 (H, W, 3)
         and 'rgb_gripper_pred' uint8 (H, W, 3): its prediction of the frame skip_frame steps ahead."""
+        ...
+
+
+class BatchPolicy(Protocol):
+    """A policy serving many envs at once (evaluation/pool.py): per-env state, batched queries."""
+
+    def reset(self, env_id: int) -> None:
+        """Forget env_id's history (the start of a subtask there)."""
+        ...
+
+    def act(self, requests: dict[int, tuple[dict, str]]) -> dict[int, dict[str, Any]]:
+        """{env_id: (observation, instruction)} -> {env_id: EvalPolicy.step's output} for every env in requests."""
         ...

@@ -1,19 +1,27 @@
-"""GR-1 as an evaluation policy: observation + instruction -> relative action (the EvalPolicy interface).
+"""GR-1 as an evaluation policy: observation + instruction -> relative action.
 
-Per environment step the policy appends the new frame to a history of seq_len frames and, when its queue of
-actions is empty, queries GR-1 at the last valid timestep and queues its first test_chunk_size actions.
+`GR1BatchPolicy` serves many environments at once (the BatchPolicy interface of evaluation/interfaces.py): it keeps
+per-env state (history of seq_len frames, per-frame feature cache, action queue) and, at each tick, serves every env
+that needs an action with ONE batched query: the new frames of all those envs go through the MAE and the resampler
+together, and GPT-2 runs over all of them together, each row with its own history length (padding mask and position
+ids per row). `GR1Policy` is the single-env EvalPolicy over it (env id 0).
+
+Per environment step the policy appends the new frame to the env's history and, when its queue of actions is empty,
+queries GR-1 at the last valid timestep and queues its first test_chunk_size actions.
 
 The cached path (default) does only the work that is new at each step: the MAE and resampler run on the new frame
 of each camera once and their tokens are kept per frame (frames are encoded independently of each other), the CLIP
 embedding is kept per instruction, GPT-2 runs only the observation tokens plus the queried step's action queries,
 and the pixel decoder runs only when videos are recorded. The uncached path recomputes everything as GR1-Training's
-evaluator does; both give the same actions (tested).
+evaluator does, one env at a time; both give the same actions (tested), and so do batched and per-env queries
+(within float rounding: a batched matrix product may round differently from a single row's, ~1e-7).
 
-Shape key: T window (seq_len), K chunk, Q latents, D hidden, S image size.
+Shape key: B envs in a query, T window (seq_len), K chunk, Q latents, D hidden, S image size.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,107 +42,174 @@ def unpatchify(patches: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(N, 3, g * p, g * p)
 
 
-class GR1Policy:
+@dataclass
+class EnvHistory:
+    """What the policy remembers about one env since its last reset (the last T frames)."""
+
+    T: int
+    frames: dict[str, deque] = field(default_factory=dict)  # uint8 (3, H, W) per frame (uncached path only)
+    frame_tokens: dict[str, deque] = field(default_factory=dict)  # (Q+1, D) per frame (cached path)
+    states: deque = field(default_factory=deque)  # (7,): arm 6 + gripper +-1
+    queue: deque = field(default_factory=deque)  # actions (7,) still to execute
+    last_prediction: dict[str, np.ndarray] = field(default_factory=dict)  # predicted frames for videos
+
+    def __post_init__(self) -> None:
+        self.frames = {cam: deque(maxlen=self.T) for cam in CAMERAS}
+        self.frame_tokens = {cam: deque(maxlen=self.T) for cam in CAMERAS}
+        self.states = deque(maxlen=self.T)
+
+
+class GR1BatchPolicy:
+    """GR-1 serving many envs with batched queries; see the module docstring."""
+
     def __init__(self, cfg: Config, encoders: FrozenEncoders, gr1: GR1, preprocessor, device: torch.device,
                  use_cache: bool = True, record_video: bool = False):
         self.cfg, self.encoders, self.gr1, self.pre, self.device = cfg, encoders, gr1, preprocessor, device
         self.use_cache, self.record_video = use_cache, record_video
         self._tokens: dict[str, torch.Tensor] = {}
-        self.reset()
+        self.envs: dict[int, EnvHistory] = {}
 
-    def reset(self) -> None:
-        T = self.cfg.seq_len
-        self.frames: dict[str, deque] = {cam: deque(maxlen=T) for cam in CAMERAS}  # uint8 (3, H, W) per frame
-        self.frame_tokens: dict[str, deque] = {cam: deque(maxlen=T) for cam in CAMERAS}  # (Q+1, D) per frame
-        self.states: deque = deque(maxlen=T)  # (7,): arm 6 + gripper +-1
-        self.queue: deque = deque()
-        self.last_prediction: dict[str, np.ndarray] = {}
+    def reset(self, env_id: int) -> None:
+        """Forget env_id's history (the start of a subtask)."""
+        self.envs[env_id] = EnvHistory(self.cfg.seq_len)
+
+    @torch.no_grad()
+    def act(self, requests: dict[int, tuple[dict, str]]) -> dict[int, dict[str, Any]]:
+        """{env_id: (observation, instruction)} -> {env_id: {'action': (7,) float64, [predicted frames]}}."""
+        ids = list(requests)
+        for i in ids:
+            if i not in self.envs:
+                self.reset(i)
+            self._observe(self.envs[i], requests[i][0])
+        if self.use_cache:
+            self._encode_newest_frames(ids, [requests[i][0] for i in ids])
+        need = [i for i in ids if not self.envs[i].queue]
+        if need:
+            self._refill(need, [requests[i][1] for i in need])
+        out = {}
+        for i in ids:
+            env = self.envs[i]
+            out[i] = {"action": env.queue.popleft(), **env.last_prediction}
+        return out
 
     # ---- observation bookkeeping ----
-    def _observe(self, obs: dict) -> None:
-        for cam in CAMERAS:
-            image = np.ascontiguousarray(obs["rgb_obs"][RGB_KEYS[cam]])  # (H, W, 3) uint8
-            self.frames[cam].append(torch.from_numpy(image).permute(2, 0, 1))
+    def _observe(self, env: EnvHistory, obs: dict) -> None:
+        if not self.use_cache:
+            for cam in CAMERAS:
+                image = np.ascontiguousarray(obs["rgb_obs"][RGB_KEYS[cam]])  # (H, W, 3) uint8
+                env.frames[cam].append(torch.from_numpy(image).permute(2, 0, 1))
         robot = np.asarray(obs["robot_obs"], dtype=np.float64)
-        self.states.append(torch.from_numpy(np.concatenate([robot[:6], robot[-1:]])).float())
-        if self.use_cache:
-            self._encode_newest_frame()
+        env.states.append(torch.from_numpy(np.concatenate([robot[:6], robot[-1:]])).float())
 
-    @torch.no_grad()
-    def _encode_newest_frame(self) -> None:
-        """MAE + resampler + token embedding of the newest frame of each camera, kept for the next T steps."""
-        static = self.frames["static"][-1][None, None].to(self.device)
-        gripper = self.frames["gripper"][-1][None, None].to(self.device)
-        images = dict(zip(CAMERAS, self.pre.process(static, gripper, train=False)))  # (1, 1, 3, S, S)
-        for cam, (cls, patches) in self.encoders.encode_frames(images).items():
-            self.frame_tokens[cam].append(self.gr1.frame_tokens(cls[:, 0], patches[:, 0], cam)[0])
+    def _encode_newest_frames(self, ids: list[int], observations: list[dict]) -> None:
+        """MAE + resampler + token embedding of the newest frame of each camera of every env in `ids`, in one batch;
+        each env keeps its tokens for its next T steps."""
+        images = []
+        for cam in CAMERAS:
+            stack = np.stack([obs["rgb_obs"][RGB_KEYS[cam]] for obs in observations])  # (B, H, W, 3) uint8
+            images.append(torch.from_numpy(stack).permute(0, 3, 1, 2)[:, None].to(self.device))  # (B, 1, 3, H, W)
+        processed = dict(zip(CAMERAS, self.pre.process(*images, train=False)))  # (B, 1, 3, S, S)
+        for cam, (cls, patches) in self.encoders.encode_frames(processed).items():
+            tokens = self.gr1.frame_tokens(cls[:, 0], patches[:, 0], cam)  # (B, Q+1, D)
+            for b, i in enumerate(ids):
+                self.envs[i].frame_tokens[cam].append(tokens[b])
 
-    def _tokens_of(self, instruction: str) -> torch.Tensor:
-        if instruction not in self._tokens:
-            self._tokens[instruction] = tokenize(instruction).to(self.device)
-        return self._tokens[instruction]
+    def _lang(self, instructions: list[str]) -> torch.Tensor:
+        """(B, E) CLIP embeddings, each computed on its own (so an env's embedding never depends on the batch)."""
+        rows = []
+        for text in instructions:
+            if text not in self._tokens:
+                self._tokens[text] = tokenize(text).to(self.device)
+            rows.append(self.encoders.encode_text(self._tokens[text], cache=self.use_cache))
+        return torch.cat(rows)
 
-    def _state_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Zero-padded (1, T, 6) arm state, (1, T, 2) one-hot gripper state, (1, T) attention mask."""
-        T, n = self.cfg.seq_len, len(self.states)
-        states = torch.stack(list(self.states))  # (n, 7)
-        arm = torch.zeros(1, T, 6)
-        arm[0, :n] = states[:, :6]
+    def _state_tensors(self, env: EnvHistory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero-padded (T, 6) arm state, (T, 2) one-hot gripper state, (T,) attention mask of one env."""
+        T, n = self.cfg.seq_len, len(env.states)
+        states = torch.stack(list(env.states))  # (n, 7)
+        arm = torch.zeros(T, 6)
+        arm[:n] = states[:, :6]
         # Faithful to GR1-Training's evaluator: padded steps get gripper -1, i.e. one-hot [1, 0] (invisible anyway)
-        gripper = -torch.ones(1, T)
-        gripper[0, :n] = states[:, 6]
+        gripper = -torch.ones(T)
+        gripper[:n] = states[:, 6]
         one_hot = torch.nn.functional.one_hot(((gripper + 1) / 2).long(), 2).float()
-        mask = torch.zeros(1, T, dtype=torch.long)
-        mask[0, :n] = 1
-        return arm.to(self.device), one_hot.to(self.device), mask.to(self.device)
+        mask = torch.zeros(T, dtype=torch.long)
+        mask[:n] = 1
+        return arm, one_hot, mask
+
+    def _batch_states(self, envs: list[EnvHistory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, 6), (B, T, 2), (B, T) on the device."""
+        arm, gripper, mask = (torch.stack(parts).to(self.device) for parts in zip(*map(self._state_tensors, envs)))
+        return arm, gripper, mask
 
     # ---- model queries ----
-    @torch.no_grad()
-    def _query_cached(self, lang: torch.Tensor, arm, gripper, mask) -> dict[str, torch.Tensor]:
-        T, n = self.cfg.seq_len, len(self.states)
+    def _query_cached(self, envs: list[EnvHistory], lang: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One GPT-2 pass over all envs, each at its own last valid step."""
+        T = self.cfg.seq_len
         frames = {}
         for cam in CAMERAS:
-            tokens = torch.stack(list(self.frame_tokens[cam]))  # (n, Q+1, D)
-            frames[cam] = torch.cat((tokens, tokens.new_zeros((T - n,) + tokens.shape[1:])))[None]
-        keep = Keep(action_steps=[n - 1], frame_steps=[n - 1] if self.record_video else [])
+            rows = []
+            for env in envs:
+                tokens = torch.stack(list(env.frame_tokens[cam]))  # (n, Q+1, D)
+                rows.append(torch.cat((tokens, tokens.new_zeros((T - len(tokens),) + tokens.shape[1:]))))
+            frames[cam] = torch.stack(rows)  # (B, T, Q+1, D)
+        last = [len(env.states) - 1 for env in envs]
+        keep = Keep(action_steps=last, frame_steps=last if self.record_video else [], per_row=True)
+        arm, gripper, mask = self._batch_states(envs)
         return self.gr1.predict(lang, arm, gripper, frames, mask, keep)
 
-    @torch.no_grad()
-    def _query_uncached(self, lang: torch.Tensor, arm, gripper, mask) -> dict[str, torch.Tensor]:
-        """GR1-Training's evaluator: every frame of both cameras (zero-padded to T) re-encoded, everything decoded."""
-        T, n = self.cfg.seq_len, len(self.states)
+    def _query_uncached(self, env: EnvHistory, lang: torch.Tensor) -> dict[str, torch.Tensor]:
+        """GR1-Training's evaluator for one env: every frame of both cameras (zero-padded to T) re-encoded,
+        everything decoded."""
+        T, n = self.cfg.seq_len, len(env.states)
         padded = {}
         for cam in CAMERAS:
-            stack = torch.stack(list(self.frames[cam]))  # (n, 3, H, W)
+            stack = torch.stack(list(env.frames[cam]))  # (n, 3, H, W)
             padded[cam] = torch.cat((stack, stack.new_zeros((T - n,) + stack.shape[1:])))[None].to(self.device)
         images = dict(zip(CAMERAS, self.pre.process(padded["static"], padded["gripper"], train=False)))
+        arm, gripper, mask = self._batch_states([env])
         out = self.gr1(lang, arm, gripper, self.encoders.encode_frames(images), mask)
         last = [n - 1]
         return {k: v[:, last] for k, v in out.items()}
 
-    def _video_frames(self, out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    def _refill(self, ids: list[int], instructions: list[str]) -> None:
+        """Query GR-1 for the envs in `ids` (their queues are empty) and queue test_chunk_size actions each."""
+        envs = [self.envs[i] for i in ids]
+        lang = self._lang(instructions)  # (B, E)
+        if self.use_cache:
+            out = self._query_cached(envs, lang)
+        else:
+            per_env = [self._query_uncached(env, lang[b:b + 1]) for b, env in enumerate(envs)]
+            out = {k: torch.cat([o[k] for o in per_env]) for k in per_env[0]}
+        k = self.cfg.test_chunk_size
+        arm_act = out["arm_action"][:, 0, :k].float()  # (B, k, 6)
+        # Faithful to GR1-Training: open (+1) iff sigmoid(logit) > 0.5, else close (-1)
+        grip_act = torch.where(torch.sigmoid(out["gripper_action"][:, 0, :k].float()) > 0.5, 1.0, -1.0)
+        actions = torch.cat((arm_act, grip_act), dim=-1).cpu().numpy().astype(np.float64)  # (B, k, 7)
+        for b, env in enumerate(envs):
+            env.queue.extend(actions[b])
+            if self.record_video:
+                env.last_prediction = self._video_frames(out, b)
+
+    def _video_frames(self, out: dict[str, torch.Tensor], b: int) -> dict[str, np.ndarray]:
         frames = {}
         for cam in CAMERAS:
-            image = unpatchify(out[f"rgb_{cam}_pred"][0].float(), self.cfg.patch_size)  # (1, 3, S, S)
+            image = unpatchify(out[f"rgb_{cam}_pred"][b].float(), self.cfg.patch_size)  # (1, 3, S, S)
             pixels = self.pre.to_pixels(image)[0]  # [0, 255]
             frames[f"rgb_{cam}_pred"] = pixels.permute(1, 2, 0).round().byte().cpu().numpy()
         return frames
 
+
+class GR1Policy:
+    """The single-env EvalPolicy interface (reset(), step(obs, instruction)) over GR1BatchPolicy."""
+
+    def __init__(self, cfg: Config, encoders: FrozenEncoders, gr1: GR1, preprocessor, device: torch.device,
+                 use_cache: bool = True, record_video: bool = False):
+        self.batch = GR1BatchPolicy(cfg, encoders, gr1, preprocessor, device, use_cache, record_video)
+        self.reset()
+
+    def reset(self) -> None:
+        self.batch.reset(0)
+
     def step(self, obs: dict, instruction: str) -> dict[str, Any]:
-        self._observe(obs)
-        if not self.queue:
-            lang = self.encoders.encode_text(self._tokens_of(instruction), cache=self.use_cache)
-            arm, gripper, mask = self._state_tensors()
-            query = self._query_cached if self.use_cache else self._query_uncached
-            out = query(lang, arm, gripper, mask)
-            k = self.cfg.test_chunk_size
-            arm_act = out["arm_action"][0, 0, :k].float()  # (k, 6)
-            # Faithful to GR1-Training: open (+1) iff sigmoid(logit) > 0.5, else close (-1)
-            grip_act = torch.where(torch.sigmoid(out["gripper_action"][0, 0, :k].float()) > 0.5, 1.0, -1.0)
-            actions = torch.cat((arm_act, grip_act), dim=-1).cpu().numpy().astype(np.float64)  # (k, 7)
-            self.queue.extend(actions)
-            if self.record_video:
-                self.last_prediction = self._video_frames(out)
-        result: dict[str, Any] = {"action": self.queue.popleft()}
-        result.update(self.last_prediction)
-        return result
+        return self.batch.act({0: (obs, instruction)})[0]

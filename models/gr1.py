@@ -69,10 +69,14 @@ class Keep:
 
     action_steps: timesteps whose action queries run (None = all); frame_steps: timesteps whose observation queries
     run and are decoded into frames (None = all, [] = none).
+    per_row: action_steps (and frame_steps, unless []) hold ONE timestep per batch row instead: row b runs the queries
+    of its own timestep only (evaluation queries envs with different history lengths in one batch); the outputs then
+    have one timestep per row.
     """
 
     action_steps: list[int] | None = None
     frame_steps: list[int] | None = None
+    per_row: bool = False
 
 
 def _gpt2_config(cfg: Config) -> transformers.GPT2Config:
@@ -159,7 +163,12 @@ class GR1(nn.Module):
 
     # ---- stage 3: trunk ----
     def _kept_positions(self, T: int, keep: Keep, device: torch.device) -> torch.Tensor:
-        """Indices into the flattened (T * S) token sequence that go through GPT-2, in sequence order."""
+        """Indices into the flattened (T * S) token sequence that go through GPT-2, in sequence order: (n,), or
+        (B, n) with keep.per_row (every row keeps the same number of tokens)."""
+        if keep.per_row:
+            frames = keep.frame_steps or [None] * len(keep.action_steps)
+            return torch.stack([self._kept_positions(T, Keep([a], [] if f is None else [f]), device)
+                                for a, f in zip(keep.action_steps, frames)])
         L, S = self.layout, self.layout.per_step
         keep_grid = torch.zeros(T, S, dtype=torch.bool)
         keep_grid[:, :L.n_obs] = True
@@ -185,6 +194,13 @@ class GR1(nn.Module):
             hidden = self.transformer(inputs_embeds=tokens, attention_mask=visible).last_hidden_state
             return hidden.reshape(B, T, S, D)
         pos = self._kept_positions(T, keep, obs.device)
+        if keep.per_row:  # each row its own kept tokens, with their own position ids
+            rows = torch.arange(B, device=obs.device)[:, None]
+            hidden = self.transformer(inputs_embeds=tokens[rows, pos], attention_mask=visible[rows, pos],
+                                      position_ids=pos).last_hidden_state
+            out = hidden.new_zeros(B, T * S, D)
+            out[rows, pos] = hidden
+            return out.reshape(B, T, S, D)
         hidden = self.transformer(inputs_embeds=tokens[:, pos], attention_mask=visible[:, pos],
                                   position_ids=pos[None].expand(B, -1)).last_hidden_state
         out = hidden.new_zeros(B, T * S, D)
@@ -236,18 +252,23 @@ class GR1(nn.Module):
         """Predictions from per-frame tokens (frames[cam] (B, T, Q+1, D) from frame_tokens; evaluation caches them).
 
         Returns arm_action (B, Ta, K, 6), gripper_action (B, Ta, K, 1) logits for the timesteps of
-        keep.action_steps, and rgb_static_pred / rgb_gripper_pred (B, Tf, P, C) for keep.frame_steps.
+        keep.action_steps, and rgb_static_pred / rgb_gripper_pred (B, Tf, P, C) for keep.frame_steps
+        (Ta = Tf = 1 with keep.per_row).
         """
         keep = keep or Keep()
-        T = arm_state.shape[1]
+        B, T = arm_state.shape[:2]
         hidden = self.run_trunk(self.observation_tokens(lang, arm_state, gripper_state, frames), attention_mask,
                                 keep)  # (B, T, S, D)
         L = self.layout
+
+        def at(steps: list[int], tokens: slice) -> torch.Tensor:  # (B, len(steps), n, D); per row (B, 1, n, D)
+            return hidden[torch.arange(B), steps, tokens][:, None] if keep.per_row else hidden[:, steps, tokens]
+
         act_steps = list(range(T)) if keep.action_steps is None else keep.action_steps
         frame_steps = list(range(T)) if keep.frame_steps is None else keep.frame_steps
-        arm, gripper = self.decode_actions(hidden[:, act_steps, L.action_queries])
+        arm, gripper = self.decode_actions(at(act_steps, L.action_queries))
         out = {"arm_action": arm, "gripper_action": gripper}
         if frame_steps:
             for cam in CAMERAS:
-                out[f"rgb_{cam}_pred"] = self.decode_frames(hidden[:, frame_steps, L.obs_queries(cam)])
+                out[f"rgb_{cam}_pred"] = self.decode_frames(at(frame_steps, L.obs_queries(cam)))
         return out

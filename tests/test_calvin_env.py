@@ -6,22 +6,25 @@ calvin_env when it is missing, binarises the gripper and picks no EGL device on 
 - the golden rollout of ../shared/calvin/golden_rollout_seq0.json (60 fixed actions from sequence 0's reset) is
   reproduced from a fresh env built from the shipped scene-D config and from mini_calvin's dataset config;
 - the task oracle labels the two mini_calvin validation windows (and their reversals) from re-simulated states;
-- the shipped config equals the dataset rendering config; resets and the gripper binarisation behave as calvin_env's.
-Only one env is alive at a time: calvin_env addresses pybullet's default client in places.
+- the shipped config equals the dataset rendering config; resets and the gripper binarisation behave as calvin_env's;
+- deterministic reset: official sequence k gives the same states and images whether it runs first in a fresh env or
+  after others, while calvin_env's own reset does not; 3 env workers give the sequential protocol's results.
+Only one env is alive at a time in this process: calvin_env addresses pybullet's default client in places.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
 import sys
-import tempfile
+import zlib
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, shared_path
 from evaluation import calvin_env as backend
@@ -44,7 +47,7 @@ GOLDEN_RENDERER = "llvmpipe"
 def test_import_has_no_side_effects() -> None:
     code = (
         "import os, sys; before = dict(os.environ); import evaluation.calvin_env; "
-        "assert not {'calvin_env', 'hydra', 'omegaconf', 'gym'} & set(sys.modules), sorted(sys.modules); "
+        "assert not {'calvin_env', 'hydra', 'omegaconf', 'gym', 'torch'} & set(sys.modules), sorted(sys.modules); "
         "assert dict(os.environ) == before"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -77,7 +80,7 @@ def test_binarize_gripper() -> None:
 
 def test_no_egl_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EGL_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(backend.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert backend.set_egl_device("cpu") is None
     assert backend.set_egl_device("cuda:0") is None  # asked for CUDA but there is none: build, do not crash
     assert "EGL_VISIBLE_DEVICES" not in os.environ
@@ -100,8 +103,8 @@ class FakeEglUtils:
 
 def test_egl_device_follows_the_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EGL_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(backend.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(backend.torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     monkeypatch.setattr(backend, "_import", lambda name: FakeEglUtils({1: 5, 2: 7}))
     assert backend.set_egl_device("cuda:1") == 5 and os.environ["EGL_VISIBLE_DEVICES"] == "5"
     assert backend.set_egl_device("cuda") == 7 and os.environ["EGL_VISIBLE_DEVICES"] == "7"  # current device
@@ -134,30 +137,11 @@ def golden_actions(golden: dict) -> np.ndarray:
     return exact
 
 
-def build_capturing_renderer(dataset_path: str) -> tuple[backend.CalvinEnv, str]:
-    """Build an env and return the OpenGL renderer that pybullet's EGL plugin prints (C stdout) while loading."""
-    libc = ctypes.CDLL(None)
-    sys.stdout.flush()
-    libc.fflush(None)
-    saved = os.dup(1)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 1)
-        try:
-            env = backend.make_calvin_env(dataset_path, "cpu")
-        finally:
-            libc.fflush(None)
-            os.dup2(saved, 1)
-            os.close(saved)
-        sink.seek(0)
-        printed = sink.read().decode(errors="replace")
-    renderer = next((line.split("=", 1)[1] for line in printed.splitlines() if line.startswith("GL_RENDERER=")), "")
-    return env, renderer
-
-
 def golden_run(dataset_path: str, golden: dict, n_steps: int = 60) -> Iterator[dict[str, Any]]:
     """A fresh env, reset to sequence 0's initial state, get_obs(), then the first n_steps golden actions (the golden
-    file's recipe: a fresh env matters, since calvin_env's reset does not clear all simulator state)."""
-    env, renderer = build_capturing_renderer(dataset_path)
+    file's recipe: a fresh env matters with calvin_env's own reset, which does not clear all simulator state)."""
+    env = backend.make_calvin_env(dataset_path, "cpu")
+    renderer = env.renderer  # the OpenGL renderer pybullet's EGL plugin printed while loading
     try:
         env.reset(robot_obs=np.array(golden["reset_robot_obs"]), scene_obs=np.array(golden["reset_scene_obs"]))
         first = env.get_obs()
@@ -222,14 +206,18 @@ class TestShippedConfig:
             obs, *_ = env.step(np.array([0, 0, 0, 0, 0, 0, gripper]))
             assert obs["robot_obs"][14] == expected
 
-    def test_reset_keeps_last_gripper_action(self, run: dict[str, Any], golden: dict) -> None:
-        """calvin_env's reset restores joints and gripper width but not the commanded gripper action reported in
-        robot_obs[14] (faithful: the reference runs on the same env)."""
+    def test_reset_restores_last_gripper_action(self, run: dict[str, Any], golden: dict) -> None:
+        """calvin_env's own reset (eval_reset=reference) restores joints and gripper width but not the commanded
+        gripper action reported in robot_obs[14]; the deterministic reset (the default) restores it too."""
         env = run["env"]
-        env.step(np.array([0, 0, 0, 0, 0, 0, -1.0]))
-        obs = env.reset(robot_obs=np.array(golden["reset_robot_obs"]), scene_obs=np.array(golden["reset_scene_obs"]))
-        np.testing.assert_allclose(obs["robot_obs"][7:14], golden["reset_robot_obs"][7:14], atol=1e-4)
-        assert golden["reset_robot_obs"][14] == 1 and obs["robot_obs"][14] == -1
+        assert env.renderer and env.reset_mode == "deterministic"
+        reset = {"robot_obs": np.array(golden["reset_robot_obs"]), "scene_obs": np.array(golden["reset_scene_obs"])}
+        for mode, expected in (("reference", -1), ("deterministic", 1)):
+            env.reset_mode = mode
+            env.step(np.array([0, 0, 0, 0, 0, 0, -1.0]))
+            obs = env.reset(**reset)
+            np.testing.assert_allclose(obs["robot_obs"][7:14], golden["reset_robot_obs"][7:14], atol=1e-4)
+            assert golden["reset_robot_obs"][14] == 1 and obs["robot_obs"][14] == expected, mode
 
 
 @needs_calvin_env
@@ -298,7 +286,7 @@ class TestDatasetConfig:
             recorded = frame(i)
             obs = run["env"].reset(robot_obs=recorded["robot_obs"], scene_obs=recorded["scene_obs"])
             np.testing.assert_allclose(obs["robot_obs"][:14], recorded["robot_obs"][:14], atol=1e-4)
-            # calvin_env's reset keeps the blocks' velocities from before, then takes one physics step
+            # reset takes one physics step: the blocks settle a little
             np.testing.assert_allclose(obs["scene_obs"], recorded["scene_obs"], atol=0.05)
             if GOLDEN_RENDERER in run["renderer"]:
                 for key in ("rgb_static", "rgb_gripper"):
@@ -314,3 +302,80 @@ def test_oracle_has_the_34_evaluation_tasks(oracle: Any) -> None:
         instructions = yaml.safe_load(f)
     assert set(oracle.tasks) == set(instructions) and len(oracle.tasks) == 34
 
+
+
+class SinePolicy:
+    """Actions that depend only on the step since the subtask began: the gripper sweeps down onto the table and the
+    blocks (contacts within ~9 steps) and closes at steps 10-19. Records, per subtask, robot_obs and checksums of
+    both images; speaks EvalPolicy (one env) and BatchPolicy (env workers; .pool is set by the test)."""
+
+    def __init__(self) -> None:
+        self.pool, self.steps = None, defaultdict(int)
+        self.traces: dict[Any, list] = {}
+        self.key: dict[Any, Any] = {}
+
+    def reset(self, env_id: Any = None) -> None:
+        seq = None if env_id is None else self.pool.workers[env_id].seq.index
+        self.steps[env_id], self.key[env_id] = 0, (seq, len(self.traces))
+        self.traces[self.key[env_id]] = []
+
+    def _action(self, env_id: Any, obs: dict) -> dict:
+        t = self.steps[env_id]
+        self.steps[env_id] += 1
+        images = [zlib.crc32(np.ascontiguousarray(obs["rgb_obs"][k]).tobytes()) for k in ("rgb_static", "rgb_gripper")]
+        self.traces[self.key[env_id]].append(np.concatenate([obs["robot_obs"], images]))
+        return {"action": np.array([np.sin(t / 7), np.cos(t / 9), -0.6, 0.3 * np.sin(t / 5), 0.0, 0.4 * np.cos(t / 6),
+                                    1.0 if (t // 10) % 2 == 0 else -1.0])}
+
+    def step(self, obs: dict, instruction: str) -> dict:
+        return self._action(None, obs)
+
+    def act(self, requests: dict) -> dict:
+        return {slot: self._action(slot, obs) for slot, (obs, _) in requests.items()}
+
+    def subtask_traces(self) -> list[np.ndarray]:
+        """Traces in the order they started (sequential) or by sequence (env workers)."""
+        keys = sorted(self.traces, key=lambda k: (k[0] is not None and k[0], k[1]))
+        return [np.stack(self.traces[k]) for k in keys]
+
+
+@needs_calvin_env
+def test_deterministic_reset_and_env_workers(tmp_path: Any) -> None:
+    """Official sequences 0-2 (ep_len 15, so each fails its first subtask after 15 steps of SinePolicy):
+    sequence 2 run first in a fresh env, then after sequences 2, 0 and 1 in the same env, gives the same states and
+    images at every step, while calvin_env's own reset (eval_reset=reference) does not; 2 env workers (the policy
+    served by this process) give the sequential run's results and traces."""
+    from evaluation.backends import EnvSpec, validation_instructions
+    from evaluation.pool import EnvPool
+    from evaluation.protocol import EvalSequence, evaluate_sequence, run_protocol, run_sharded
+    from evaluation.sequences import official_sequences
+
+    seqs = [EvalSequence(s["index"], s["tasks"], s["robot_obs"], s["scene_obs"], s["condition"])
+            for s in official_sequences(1000, 0, 3)]
+    instructions, ep_len = validation_instructions("calvin"), 15
+    oracle = backend.make_calvin_oracle()
+    env = backend.make_calvin_env("", "cpu")
+    env.renew_every = 3  # the third reset (sequence 1 below) replaces the physics client: the world must not change
+    try:
+        first = SinePolicy()
+        evaluate_sequence(env, oracle, first, seqs[2], instructions, ep_len)
+        sequential = SinePolicy()
+        run_protocol(env, oracle, sequential, seqs, instructions, ep_len, str(tmp_path / "one"), progress=False)
+        after = sequential.subtask_traces()
+        np.testing.assert_array_equal(after[2], first.subtask_traces()[0])
+        assert np.abs(after[2][-1, :3] - after[2][0, :3]).max() > 0.05  # the arm moved (and touched the scene)
+
+        env.reset_mode = "reference"  # sequence 2 again, right after itself
+        plain = SinePolicy()
+        evaluate_sequence(env, oracle, plain, seqs[2], instructions, ep_len)
+        assert not np.array_equal(plain.subtask_traces()[0], after[2])  # calvin_env's reset keeps state
+    finally:
+        env.close()
+
+    pooled = SinePolicy()  # 2 workers: one of them runs 2 sequences
+    with EnvPool(2, EnvSpec(backend="calvin"), pooled, instructions, ep_len) as pool:
+        pooled.pool = pool
+        run_sharded(pool.evaluate, seqs, str(tmp_path / "three"), progress=False)
+    assert open(tmp_path / "three" / "sequences.jsonl").read() == open(tmp_path / "one" / "sequences.jsonl").read()
+    for a, b in zip(pooled.subtask_traces(), after, strict=True):
+        np.testing.assert_array_equal(a, b)

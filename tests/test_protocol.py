@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from config import load_config
 from conftest import ROOT
 from evaluation.builtin_env.env import BuiltinEnv
 from evaluation.builtin_env.sequences import get_sequences
@@ -96,8 +98,13 @@ def test_expert_and_zero_policies_in_the_real_scene(env, tmp_path):
 
 
 def _files(folder) -> dict[str, str]:
-    return {name: open(os.path.join(folder, name)).read()
-            for name in ("success_rate.txt", "result.txt", "sequences.jsonl")}
+    """The result files, without result.txt's "run" entry (wall time and speed differ between runs)."""
+    files = {name: open(os.path.join(folder, name)).read() for name in ("success_rate.txt", "sequences.jsonl")}
+    return {**files, "result.txt": json.load(open(os.path.join(folder, "result.txt")))["null"]}
+
+
+def _without_run(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "run"}
 
 
 def test_seven_sequences_over_two_processes_merge_to_the_single_process_result(env, tmp_path):
@@ -119,8 +126,12 @@ def test_seven_sequences_over_two_processes_merge_to_the_single_process_result(e
             return list(gathered)
         outputs[rank] = run_protocol(env, oracle, PlannedPolicy(env, shard_plans[rank]), seqs, INSTRUCTIONS, EP_LEN,
                                      str(tmp_path / "two"), rank=rank, world=2, gather=gather, progress=False)
-    assert outputs[1] is None and outputs[0] == single
+    assert outputs[1] is None and _without_run(outputs[0]) == _without_run(single)
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    run = json.load(open(tmp_path / "two" / "result.txt"))["run"]  # an extra key the reference's readers ignore
+    assert run["env_steps"] == single["run"]["env_steps"] == sum(
+        s["steps"] for line in open(tmp_path / "one" / "sequences.jsonl") for s in json.loads(line)["subtasks"])
+    assert run["processes"] == 2 and run["wall_seconds"] > 0 and 0 < run["policy_share"] < 1
     lines = open(tmp_path / "two" / "success_rate.txt").read().splitlines()
     assert len(lines) == 7 and lines[-1] == success_rate_line(6, 7, count_success(plan)).rstrip("\n")
     result = json.load(open(tmp_path / "two" / "result.txt"))["null"]
@@ -155,7 +166,7 @@ def test_resume_skips_finished_sequences(env, tmp_path):
     assert Counting.resets == 1 and summary["num_sequences"] == 3
 
 
-def test_videos_and_bar_chart(tmp_path):
+def test_videos_and_charts(tmp_path):
     with BuiltinEnv(seed=0) as env:
         seq = sequences(1)
 
@@ -170,12 +181,19 @@ def test_videos_and_bar_chart(tmp_path):
     assert len(videos) == 1 and videos[0].startswith(f"seq0000_sub0_{seq[0].tasks[0]}_fail.")
     assert os.path.getsize(tmp_path / "videos" / videos[0]) > 1000
     from PIL import Image
-    assert Image.open(tmp_path / "chain_success.png").size == (520, 340)
+
+    from evaluation.charts import CHAIN_SIZE, DPI, task_chart_size
+    for name, size in (("chain_success.png", (CHAIN_SIZE[0] * DPI, CHAIN_SIZE[1] * DPI)),
+                       ("task_success.png", task_chart_size(1))):  # one task asked (and failed)
+        with Image.open(tmp_path / name) as image:
+            image.verify()  # a complete, valid PNG
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size == size, name
+            assert len(image.convert("L").getcolors(1 << 16)) > 8  # something was drawn
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from config import load_config
     from models.build import build_gr1, save_checkpoint
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.json"))
     path = str(tmp_path_factory.mktemp("ckpt") / "GR1_1.pth")
@@ -183,24 +201,47 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_evaluate_calvin_runs_the_builtin_scene_from_a_checkpoint(tiny_checkpoint, tmp_path, processes):
+def launch_evaluation(processes: int, *overrides: str) -> subprocess.CompletedProcess:
+    """evaluate_calvin.py on the tiny config, in 1 process or in 2 CPU processes (gloo) under accelerate launch."""
     from test_training import free_port
-    out = tmp_path / "eval"
     launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                  str(free_port())] if processes == 2 else [sys.executable])
-    cmd = launcher + ["evaluate_calvin.py", "--config", os.path.join(ROOT, "configs", "tiny.json"),
-                      f"ckpt_path={tiny_checkpoint}", f"eval_dir={out}", f"num_sequences={processes + 1}",
-                      "ep_len=8", "record_evaluation_video=true"]
+    cmd = launcher + ["evaluate_calvin.py", "--config", os.path.join(ROOT, "configs", "tiny.json"), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "average successful sequence length" in proc.stdout
-    assert len(open(out / "success_rate.txt").read().splitlines()) == processes + 1
-    assert json.load(open(out / "result.txt"))["null"]["avg_seq_len"] == 0.0
-    assert len(os.listdir(out / "videos")) == processes + 1
+    return proc
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_evaluate_calvin_runs_the_builtin_scene_from_a_checkpoint(tiny_checkpoint, tmp_path, processes):
+    """1 process with 1 env on 2 sequences; 2 processes x 2 env workers on 8 sequences, whose per-sequence results
+    equal the sequential protocol's (this process, one env, the checkpoint's GR-1)."""
+    out, n = tmp_path / "eval", (2 if processes == 1 else 8)
+    proc = launch_evaluation(processes, f"ckpt_path={tiny_checkpoint}", f"eval_dir={out}", f"num_sequences={n}",
+                             "ep_len=8", "record_evaluation_video=true", f"eval_envs_per_process={processes}")
+    assert "average successful sequence length" in proc.stdout and "env steps/s" in proc.stdout
+    assert len(open(out / "success_rate.txt").read().splitlines()) == n
+    result = json.load(open(out / "result.txt"))
+    assert result["null"]["avg_seq_len"] == 0.0 and result["run"]["env_steps"] == 8 * n
+    assert (result["run"]["processes"], result["run"]["envs_per_process"]) == (processes, processes)
+    assert len(os.listdir(out / "videos")) == n
     assert torch.load(tiny_checkpoint, weights_only=True)["format"] == "gr1-training"
+    if processes == 2:
+        from data.preprocess import ImagePreprocessor
+        from evaluation.backends import evaluation_sequences
+        from evaluation.policy import GR1Policy
+        from models.build import build_model
+        cfg = load_config(os.path.join(ROOT, "configs", "tiny.json"), [f"num_sequences={n}"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random encoders
+            encoders, gr1, _ = build_model(cfg, "cpu", weights=tiny_checkpoint, for_eval=True)
+        policy = GR1Policy(cfg, encoders, gr1.eval(), ImagePreprocessor(cfg, "cpu"), "cpu")
+        with BuiltinEnv() as env:
+            run_protocol(env, BuiltinTaskOracle(), policy, evaluation_sequences(cfg), INSTRUCTIONS, 8,
+                         str(tmp_path / "sequential"), progress=False)
+        assert open(out / "sequences.jsonl").read() == open(tmp_path / "sequential" / "sequences.jsonl").read()
 
 
 def test_runner_drives_the_real_calvin_simulator(tmp_path):
@@ -208,7 +249,6 @@ def test_runner_drives_the_real_calvin_simulator(tmp_path):
     pytest.importorskip("calvin_env", reason="calvin_env is not installed (see README: real CALVIN simulator)")
     from accelerate import Accelerator
 
-    from config import load_config
     from evaluation.runner import evaluate
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.json"),
                       ["eval_backend=calvin", "eval_policy=zero", "num_sequences=1000", "eval_sequence_start=999",
