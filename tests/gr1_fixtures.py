@@ -40,8 +40,9 @@ def fixture_config(meta: dict, **extra) -> Config:
         "arm_loss_ratio": hp.get("arm_loss_ratio", 100), **extra}, source=meta.get("file", "fixture"))
 
 
-def load_fixture(name: str, tmp_dir: str, **extra):
-    """(cfg, encoders, gr1, fixture dict, load report) with the fixture's weights loaded through the converters."""
+def load_fixture(name: str, tmp_dir: str, device: torch.device | str = "cpu", **extra):
+    """(cfg, encoders, gr1, fixture dict, load report) with the fixture's weights loaded through the converters, the
+    model on `device` (the fixture dict stays on the CPU)."""
     meta = json.load(open(shared_path("fixtures", f"{name}.json")))
     fx = torch.load(shared_path("fixtures", f"{name}.pt"), map_location="cpu", weights_only=True)
     cfg = fixture_config(meta, **extra)
@@ -53,15 +54,22 @@ def load_fixture(name: str, tmp_dir: str, **extra):
     torch.save({"state_dict": fx["state_dict"]}, path)
     report = load_policy_weights(gr1, encoders, path, cfg)
     gr1.eval()
-    return cfg, encoders, gr1, fx, report
+    return cfg, encoders.to(device), gr1.to(device), fx, report
 
 
-def fixture_inputs(fx: dict) -> dict:
-    """The fixture's model inputs as this project names them."""
+def fixture_inputs(fx: dict, device: torch.device | str = "cpu") -> dict:
+    """The fixture's model inputs as this project names them, on `device`."""
     inp = fx["inputs"]
-    return {"images": {"static": inp["rgb"].float(), "gripper": inp["hand_rgb"].float()},
-            "arm_state": inp["state"]["arm"].float(), "gripper_state": inp["state"]["gripper"].float(),
-            "tokens": inp["language"], "attention_mask": inp["attention_mask"]}
+    return to_device({"images": {"static": inp["rgb"].float(), "gripper": inp["hand_rgb"].float()},
+                      "arm_state": inp["state"]["arm"].float(), "gripper_state": inp["state"]["gripper"].float(),
+                      "tokens": inp["language"], "attention_mask": inp["attention_mask"]}, device)
+
+
+def to_device(tree, device: torch.device | str):
+    """Every tensor of nested dicts on `device`."""
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
 
 
 def run_model(encoders, gr1, inputs: dict, keep=None, frame_mask=None) -> dict:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from config import ConfigError, load_config
-from conftest import ROOT
+from conftest import DEVICES, ROOT, strict_device
 from evaluation.backends import EnvSpec, evaluation_sequences, validation_instructions
 from evaluation.builtin_env.env import BuiltinEnv
 from evaluation.builtin_env.tasks import BuiltinTaskOracle
@@ -79,21 +80,27 @@ def random_observation(rng: np.random.Generator) -> dict:
             "robot_obs": np.concatenate([rng.normal(size=14), [rng.choice([-1.0, 1.0])]])}
 
 
-def test_batched_gr1_queries_equal_per_env_queries(tiny_gr1):
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_gr1_queries_equal_per_env_queries(tiny_gr1, device):
     """3 envs starting 0, 2 and 5 steps apart (so their histories differ in length until all are full), chunks of 2
     actions (so they query at different ticks), another instruction each, predicted frames on: one batched policy
-    gives each env the actions of its own single-env policy, and the cached path equals the uncached one."""
+    gives each env the actions of its own single-env policy, and the cached path equals the uncached one (on the
+    CPU, and on CUDA with `pytest -m cuda`)."""
+    from data.preprocess import ImagePreprocessor
     from evaluation.policy import GR1BatchPolicy, GR1Policy
     cfg, encoders, gr1, pre = tiny_gr1
+    if device == "cuda":
+        dev = strict_device(device)
+        encoders, gr1, pre = copy.deepcopy(encoders).to(dev), copy.deepcopy(gr1).to(dev), ImagePreprocessor(cfg, dev)
     rng = np.random.default_rng(0)
     starts, length = (0, 2, 5), 12
     streams = [[random_observation(rng) for _ in range(length)] for _ in starts]
     texts = ["go push the red block right", "press the button to turn on the led light", "grasp and lift the red block"]
     single = []
     for stream, text in zip(streams, texts):
-        policy = GR1Policy(cfg, encoders, gr1, pre, "cpu", record_video=True)
+        policy = GR1Policy(cfg, encoders, gr1, pre, device, record_video=True)
         single.append([policy.step(obs, text) for obs in stream])
-    batched = GR1BatchPolicy(cfg, encoders, gr1, pre, "cpu", record_video=True)
+    batched = GR1BatchPolicy(cfg, encoders, gr1, pre, device, record_video=True)
     got: dict[int, list] = defaultdict(list)
     sizes = Counter()
     for tick in range(max(starts) + length):
@@ -107,7 +114,7 @@ def test_batched_gr1_queries_equal_per_env_queries(tiny_gr1):
                      for k in ("rgb_static_pred", "rgb_gripper_pred"))
     assert [len(got[e]) for e in range(3)] == [length] * 3
     assert action_diff <= 1e-5 and frame_diff <= 1
-    uncached = GR1Policy(cfg, encoders, gr1, pre, "cpu", use_cache=False)
+    uncached = GR1Policy(cfg, encoders, gr1, pre, device, use_cache=False)
     reference = [uncached.step(obs, texts[0]) for obs in streams[0]]
     assert max(np.abs(a["action"] - b["action"]).max() for a, b in zip(reference, single[0])) <= 1e-5
 

@@ -1,15 +1,19 @@
 """Speed paths that must not change numbers: the frozen MAE's low-precision copy under autocast, frames chosen from a
-host mask, and the logged losses read back once per log line."""
+host mask, and the logged losses read back once per log line; a bf16 training step with finite losses."""
 from __future__ import annotations
 
 import os
+import warnings
 
+import pytest
 import torch
 
-from config import load_config
-from conftest import ROOT
-from models.build import build_encoders
-from training import detached, empty_totals, mean_losses
+from config import Config, load_config
+from conftest import DEVICES, ROOT
+from data.loader import DevicePrefetcher
+from data.preprocess import ImagePreprocessor
+from models.build import build_encoders, build_model
+from training import compute_losses, detached, empty_totals, make_optimizer, mean_losses
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 
@@ -76,3 +80,40 @@ def test_losses_summed_on_the_device_are_read_once():
     means = mean_losses(totals, 3)
     assert means == {k: 1.0 + i for i, k in enumerate(totals)} and all(type(v) is float for v in means.values())
     assert mean_losses(empty_totals(), 0) == empty_totals()
+
+
+def _random_batch(cfg: Config, B: int) -> dict[str, torch.Tensor]:
+    """A loader batch of B windows (host tensors, as the DataLoader yields them)."""
+    g = torch.Generator().manual_seed(0)
+    T, K = cfg.seq_len, cfg.chunk_size
+    actions = torch.rand(B, T, K, 7, generator=g) * 2 - 1
+    actions[..., 6] = actions[..., 6].gt(0).float()
+    return {"rgb_static": torch.randint(0, 256, (B, T, 3, 200, 200), dtype=torch.uint8, generator=g),
+            "rgb_gripper": torch.randint(0, 256, (B, T, 3, 84, 84), dtype=torch.uint8, generator=g),
+            "inst_token": torch.randint(1, 49000, (B, 77), dtype=torch.int32, generator=g),
+            "arm_state": torch.randn(B, T, 6, generator=g), "actions": actions, "mask": torch.ones(B, T, K),
+            "gripper_state": torch.nn.functional.one_hot(torch.randint(0, 2, (B, T), generator=g), 2).float()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_step_has_finite_losses(device):
+    """One optimiser step as Main.py runs it with mixed_precision=bf16: the batch through DevicePrefetcher (a side
+    stream on CUDA), bf16 autocast with the frozen MAE's bf16 copy, fused AdamW; every loss, gradient and updated
+    weight finite. CPU: the tiny config (the suite's time budget); CUDA (`pytest -m cuda`): full size, configs.json."""
+    dev = torch.device(device)
+    cfg = load_config(TINY if dev.type == "cpu" else None, ["mae_ckpt=", "clip_ckpt=", "clip_precision=auto"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random encoders
+        encoders, gr1, _ = build_model(cfg, dev, weights=None)
+    gr1.train()
+    optimizer = make_optimizer(gr1, cfg, dev)
+    (batch,) = DevicePrefetcher([_random_batch(cfg, 2)], dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        losses = compute_losses(gr1, encoders, ImagePreprocessor(cfg, dev), batch, cfg, train=True)
+    losses["total"].backward()
+    optimizer.step()
+    assert all(torch.isfinite(v).item() for v in losses.values()), {k: v.item() for k, v in losses.items()}
+    assert losses["total"].item() > 0
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in gr1.parameters())
+    assert all(torch.isfinite(p).all() for p in gr1.parameters())
+    assert [m.blocks[0].mlp.fc1.weight.dtype for m in encoders._cast_mae.values()] == [torch.bfloat16]

@@ -1,9 +1,10 @@
-"""data/preprocess.py against GR1-Training's PreProcess.rgb_process outputs (../shared/fixtures/preprocess_rgb.pt)."""
+"""data/preprocess.py against GR1-Training's PreProcess.rgb_process outputs (../shared/fixtures/preprocess_rgb.pt), on
+the CPU and (`pytest -m cuda`) on CUDA, held to the same 1e-5."""
 import pytest
 import torch
 
 from config import Config
-from conftest import shared_path
+from conftest import DEVICES, shared_path, strict_device
 from data.preprocess import ImagePreprocessor, random_shift
 
 FIXTURE_CFG = Config().replace(rgb_static_pad=10, rgb_gripper_pad=4, rgb_shape=224, rgb_mean=[0.485, 0.456, 0.406],
@@ -20,20 +21,31 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def test_eval_matches_reference(fixture):
-    pre = ImagePreprocessor(FIXTURE_CFG, "cpu")
-    static, gripper = pre.process(fixture["inputs"]["rgb_static_uint8"], fixture["inputs"]["rgb_gripper_uint8"],
-                                  train=False)
+def _process(fixture, device: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = ImagePreprocessor(FIXTURE_CFG, strict_device(device))
+    static, gripper = pre.process(fixture["inputs"]["rgb_static_uint8"].to(device),
+                                  fixture["inputs"]["rgb_gripper_uint8"].to(device), train=train)
+    return static.cpu(), gripper.cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_matches_reference(fixture, device):
+    static, gripper = _process(fixture, device, train=False)
     ref = fixture["outputs_train_False"]
     assert _max_diff(static, ref["rgb_static"]) <= 1e-5
     assert _max_diff(gripper, ref["rgb_gripper"]) <= 1e-5
 
 
-def test_train_matches_reference_with_seed_0(fixture):
-    pre = ImagePreprocessor(FIXTURE_CFG, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_matches_reference_with_seed_0(fixture, device, monkeypatch):
+    """On CUDA the shifts come from the CUDA generator, which draws other numbers for the same seed: there the
+    shifts are drawn from the CPU generator (the fixture's) and moved, so the grid_sample and resize arithmetic on
+    CUDA is what is compared."""
+    if device == "cuda":
+        randint = torch.randint
+        monkeypatch.setattr(torch, "randint", lambda *a, device=None, **k: randint(*a, **k).to(device))
     torch.manual_seed(0)  # the fixture's call: torch.manual_seed(0) then rgb_process(train=True)
-    static, gripper = pre.process(fixture["inputs"]["rgb_static_uint8"], fixture["inputs"]["rgb_gripper_uint8"],
-                                  train=True)
+    static, gripper = _process(fixture, device, train=True)
     ref = fixture["outputs_train_True_torch_manual_seed_0"]
     assert _max_diff(static, ref["rgb_static"]) <= 1e-5
     assert _max_diff(gripper, ref["rgb_gripper"]) <= 1e-5

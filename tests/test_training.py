@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from config import load_config
-from conftest import ROOT, shared_path
+from conftest import DEVICES, ROOT, shared_path
 from models.build import build_model, load_file
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
@@ -44,10 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_training(*args, **kwargs) -> subprocess.CompletedProcess:
+def train_env(device: str = "") -> dict[str, str]:
+    """The training processes' environment; device 'cpu' hides any GPU (Main.py trains on CUDA where it exists)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(train_cmd(*args, **kwargs), cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=600)
+    return {**env, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else env
+
+
+def run_training(*args, device: str = "", **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(*args, **kwargs), cwd=ROOT, capture_output=True, text=True,
+                          env=train_env(device), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -98,15 +103,18 @@ def _final_weights(save: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(save, "state", "model.pt"))
 
 
-def test_killed_run_resumes_exactly(lmdb_path, tmp_path):
-    """SIGKILL after the state of update 8 was saved; the resumed run matches an uninterrupted one exactly."""
-    common = ("num_epochs=1", "print_steps=1", "save_steps=4", "max_train_steps=16")
+@pytest.mark.parametrize("device", DEVICES)
+def test_killed_run_resumes_exactly(lmdb_path, tmp_path, device):
+    """SIGKILL after the state of update 8 was saved; the resumed run matches an uninterrupted one exactly. On CUDA
+    (`pytest -m cuda`: bf16, pinned memory and the prefetcher's side stream, fused AdamW) the steps are fast, so the
+    runs are longer, to leave time for the kill."""
+    steps = 16 if device == "cpu" else 40
+    common = ("num_epochs=1", "print_steps=1", "save_steps=4", f"max_train_steps={steps}")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    run_training(lmdb_path, full, *common)
+    run_training(lmdb_path, full, *common, device=device)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(train_cmd(lmdb_path, killed, *common), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(lmdb_path, killed, *common), cwd=ROOT, env=train_env(device),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         path = os.path.join(killed, "metrics.jsonl")
@@ -116,12 +124,12 @@ def test_killed_run_resumes_exactly(lmdb_path, tmp_path):
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    run_training(lmdb_path, killed, *common, "resume=true")
+    run_training(lmdb_path, killed, *common, "resume=true", device=device)
 
     by_batch = {r["batches"]: r["train/total"] for r in metrics(full)}
     resumed = {r["batches"]: r["train/total"] for r in metrics(killed)}  # later records win
-    assert max(resumed) == 16
-    for b in range(9, 17):
+    assert max(resumed) == steps
+    for b in range(9, steps + 1):
         assert resumed[b] == by_batch[b], f"batch {b}: {resumed[b]} != {by_batch[b]}"
     a, b = _final_weights(full), _final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
