@@ -42,7 +42,8 @@ from data.convert import convert
 from data.lmdb_dataset import LMDBDataset, close_lmdb, collate_batch, ratio_window_range, read_index, reading
 from data.loader import EpochSampler, reuse_worker_buffers
 
-MINI_CALVIN = os.path.join(os.path.dirname(ROOT), "shared", "calvin", "mini_calvin")
+SHARED = os.environ.get("GR1_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")  # as tests/conftest.py
+MINI_CALVIN = os.path.join(SHARED, "calvin", "mini_calvin")
 T = K = 10
 
 

@@ -1,6 +1,7 @@
 """Evaluation speed with N env workers per process (N = 1 .. cores), in one run:
 
     python bench/bench_eval_envs.py [--envs 1,2] [--steps 150] [--full_steps 12] [--calvin] [--calvin_steps 20]
+                                    [--device cpu|cuda]
 
 For each N, in the built-in scene (and in calvin_env with --calvin, when it is installed):
 - env only: zero actions decided inside the workers, no policy process work: the ceiling;
@@ -13,7 +14,8 @@ sequence. Startup (workers, models) is not timed; the first batched queries of e
 Each row runs --repeat times, interleaved with the others, and the fastest run is kept (the full-size GR-1 once).
 Targets (issue 12): demo GR-1 >= 0.85 of the ceiling at N = cores, and >= 1.7x steps/s at N = 2 over N = 1 on
 a 2-core machine. Figures from a machine that is busy with other work are not comparable: the load average is
-printed before and after.
+printed before and after. With --device cuda the policy runs on the GPU (and calvin_env's workers render with EGL on
+it, as evaluate_calvin.py sets them up); each row names the workers' OpenGL renderer.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Env steps of one chain for a strong policy (avg length ~3.5: subtasks of ~100 steps, and in about half the chains
 # a failed one of ep_len 360); used for the projection only.
 AVG_STEPS_PER_CHAIN = 600
+CPU = torch.device("cpu")
 MODELS = {"demo GR-1": os.path.join(ROOT, "configs", "demo.json"), "full GR-1": os.path.join(ROOT, "configs.json")}
 
 
@@ -61,12 +64,12 @@ class TimedPolicy:
         return out
 
 
-def gr1_policy(config_path: str) -> GR1BatchPolicy:
+def gr1_policy(config_path: str, device: torch.device = CPU) -> GR1BatchPolicy:
     cfg = load_config(config_path, ["mae_ckpt=", "clip_ckpt=", "clip_precision=fp32"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random encoders: this measures speed, not skill
-        encoders, gr1, _ = build_model(cfg, "cpu", weights=None)
-    return GR1BatchPolicy(cfg, encoders, gr1.eval(), ImagePreprocessor(cfg, "cpu"), torch.device("cpu"))
+        encoders, gr1, _ = build_model(cfg, device, weights=None)
+    return GR1BatchPolicy(cfg, encoders, gr1.eval(), ImagePreprocessor(cfg, device), device)
 
 
 def warm_up(policy: GR1BatchPolicy, n_envs: int, instruction: str) -> None:
@@ -81,15 +84,18 @@ def warm_up(policy: GR1BatchPolicy, n_envs: int, instruction: str) -> None:
             policy.reset(i)
 
 
-def measure(backend: str, n_envs: int, policy, steps: int) -> dict:
+def measure(backend: str, n_envs: int, policy, steps: int, device: torch.device = CPU) -> dict:
     """Env steps/s of n_envs workers running 2 sequences each (every sequence is `steps` steps long)."""
     cfg = load_config(None, [f"eval_backend={backend}", f"num_sequences={2 * n_envs}", "mae_ckpt=", "clip_ckpt="])
     sequences = evaluation_sequences(cfg)
     instructions = validation_instructions(backend)
     timed = TimedPolicy(policy) if not isinstance(policy, str) else None
-    with policy_threads(torch.device("cpu"), n_envs), \
+    if backend == "calvin":
+        from evaluation.calvin_env import set_egl_device
+        set_egl_device(device)  # as evaluation.runner: the workers render on this process's GPU
+    with policy_threads(device, n_envs), \
             EnvPool(n_envs, EnvSpec(backend=backend), timed or policy, instructions, steps,
-                    policy_on_cpu=True) as pool:
+                    policy_on_cpu=device.type == "cpu") as pool:
         if timed:
             warm_up(policy, n_envs, instructions[sequences[0].tasks[0]])
         threads = torch.get_num_threads()
@@ -99,27 +105,29 @@ def measure(backend: str, n_envs: int, policy, steps: int) -> dict:
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
     busy = stats.env_seconds + stats.policy_seconds
     row = {"steps": stats.env_steps, "wall": wall, "steps_per_s": stats.env_steps / wall,
-           "policy_share": stats.policy_seconds / busy if busy else 0.0, "threads": threads}
+           "policy_share": stats.policy_seconds / busy if busy else 0.0, "threads": threads,
+           "renderer": sorted(set(pool.renderers))}
     if timed:
         queries = max(timed.queries, 1)
         row.update(batch=timed.served / queries, ms_per_query=1000 * timed.seconds / queries)
     return row
 
 
-def table(backend: str, envs: list[int], steps: int, full_steps: int, models: dict[str, str], repeat: int) -> dict:
+def table(backend: str, envs: list[int], steps: int, full_steps: int, models: dict[str, str], repeat: int,
+          device: torch.device = CPU) -> dict:
     """Rows for every N; each run `repeat` times, interleaved, keeping the fastest (a shared machine's other load
     only ever slows a run down)."""
     print(f"\n{backend}: {'N':>3s} {'policy':11s} {'steps':>6s} {'wall s':>7s} {'steps/s':>8s} {'x ceiling':>9s} "
           f"{'policy %':>8s} {'batch':>6s} {'ms/query':>9s} {'threads':>7s}", flush=True)
     results = {}
     policies: dict[str, object] = {"env only": "zero"}
-    policies.update({name: gr1_policy(path) for name, path in models.items()})
+    policies.update({name: gr1_policy(path, device) for name, path in models.items()})
     for n in envs:
         for attempt in range(repeat):
             for name, policy in policies.items():
                 if name == "full GR-1" and attempt:
                     continue  # minutes per run: once
-                row = measure(backend, n, policy, full_steps if name == "full GR-1" else steps)
+                row = measure(backend, n, policy, full_steps if name == "full GR-1" else steps, device)
                 best = results.get((n, name))
                 if best is None or row["steps_per_s"] > best["steps_per_s"]:
                     results[(n, name)] = row
@@ -143,15 +151,17 @@ def main() -> None:
     parser.add_argument("--calvin", action="store_true", help="also calvin_env (slow on CPU: ~10 steps/s per core)")
     parser.add_argument("--calvin_steps", type=int, default=20, help="steps per sequence in calvin_env")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each row (the fastest is kept)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the policy runs")
     args = parser.parse_args()
+    device = torch.device(args.device)
     envs = [int(n) for n in args.envs.split(",")]
     models = {k: v for k, v in MODELS.items() if not (args.no_full and k == "full GR-1")}
     print(f"{cores} cores, torch {torch.__version__}, load average before {os.getloadavg()}")
-    builtin = table("builtin", envs, args.steps, args.full_steps, models, args.repeat)
+    builtin = table("builtin", envs, args.steps, args.full_steps, models, args.repeat, device)
     if args.calvin:
         from evaluation.calvin_env import calvin_env_available
         if calvin_env_available():
-            table("calvin", envs, args.calvin_steps, args.calvin_steps, {"demo GR-1": MODELS["demo GR-1"]}, 1)
+            table("calvin", envs, args.calvin_steps, args.calvin_steps, {"demo GR-1": MODELS["demo GR-1"]}, 1, device)
         else:
             print("\ncalvin_env is not installed: no calvin rows")
     print(f"\nload average after {os.getloadavg()}")

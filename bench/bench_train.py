@@ -2,7 +2,7 @@
 
     python bench/bench_train.py --reference_dir ../GR1-Training [--batch 1] [--rounds 6] [--threads 2]
                                 [--frame_sharing 1] [--device cpu|cuda] [--precision fp32|bf16] [--compile]
-                                [--memory] [key=value ...]
+                                [--memory] [--json FILE] [key=value ...]
 
 With --reference_dir (a local clone of EDiRobotics/GR1-Training, imported at run time, never committed) the
 reference's GR1 is built as its Main.py builds it, with random full-size weights (configs.json unless overridden),
@@ -22,11 +22,14 @@ window gets the features and losses of that window encoded alone with the group'
 --device cuda --precision bf16 runs both under torch.autocast(bfloat16), as accelerate's mixed precision does (the
 reference's CLIP in fp16, as clip.load gives it on CUDA). --memory measures the peak memory of a few steps of each in
 separate processes. --compile also times our step with torch.compile (compile_model) and compares its losses.
+--json FILE also writes the figures (samples/s and median step per path, speed-ups, loss agreement) as JSON
+(bench/gpu_check.sh reads it).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import resource
 import statistics
@@ -123,7 +126,7 @@ def build_ours(cfg: Config, device: torch.device):
 def memory_child(args, cfg: Config, device: torch.device) -> None:
     """--only NAME: a few steps of one path in this process, then its peak memory (random weights, same sizes)."""
     batches = [synthetic_batch(cfg, args.batch, s, args.frame_sharing, device) for s in range(3)]
-    autocast = _autocast(args, device)
+    autocast = autocast_for(args.precision, device)
     if args.only == "reference":
         ref = rr.import_reference(args.reference_dir)
         model = rr.build_reference_gr1(ref, cfg, device).train()
@@ -157,8 +160,9 @@ def measure_memory(args) -> None:
     print(f"peak {what}, batch {args.batch}, 3 training steps, separate processes: {line}{change}")
 
 
-def _autocast(args, device: torch.device):
-    if args.precision == "bf16":
+def autocast_for(precision: str, device: torch.device):
+    """A context factory: bf16 autocast as accelerate's mixed precision, or nothing (fp32)."""
+    if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -174,6 +178,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--compile", action="store_true", help="also time our step with torch.compile")
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead (separate processes)")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     parser.add_argument("--only", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, help="config file (default: configs.json, full size)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -188,7 +193,7 @@ def main() -> None:
         return measure_memory(args)
 
     encoders, gr1 = build_ours(cfg, device)
-    paths, records, autocast = {}, {}, _autocast(args, device)
+    paths, records, autocast = {}, {}, autocast_for(args.precision, device)
     batches = [synthetic_batch(cfg, args.batch, 100 + r, args.frame_sharing, device) for r in range(args.rounds)]
     seeds = [1000 + r for r in range(args.rounds)]
     if args.reference_dir:
@@ -213,15 +218,23 @@ def main() -> None:
     print(f"GR-1 training step, {os.path.basename(args.config or 'configs.json')}, batch {args.batch}, frame_sharing "
           f"{args.frame_sharing}, {args.precision}, {rr.machine_line(device, args.threads)}")
     timings = rr.alternate(paths, args.rounds, device, args.threads)
-    report(args, timings, records)
+    figures = report(args, timings, records)
     if args.reference_dir and args.frame_sharing > 1:
         print(f"  {bound}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "device": args.device, "precision": args.precision,
+                       "frame_sharing": args.frame_sharing, **figures}, f, indent=1)
 
 
-def report(args, timings: dict[str, rr.Timing], records: dict[str, list]) -> None:
+def report(args, timings: dict[str, rr.Timing], records: dict[str, list]) -> dict:
+    """Prints the figures; returns them: per path samples/s and median step, per comparison the speed-ups and the
+    largest relative difference of the total loss."""
     for t in timings.values():  # round 0 is the warm-up
         del t.wall[0], t.cpu_share[0]
     print(f"  {args.rounds - 1} timed rounds (medians; per-round CPU share near 1.0 = this process had the CPU):")
+    figures: dict = {"paths": {name: {"samples_per_s": args.batch / t.median(), "median_step_s": t.median()}
+                               for name, t in timings.items()}, "comparisons": {}}
     for name, t in timings.items():
         print(f"  {name:>9s}: {args.batch / t.median():8.3f} samples/s (median step {t.median():.3f} s, min "
               f"{min(t.wall):.3f}, max {max(t.wall):.3f}, CPU share {statistics.median(t.cpu_share):.2f})")
@@ -236,11 +249,13 @@ def report(args, timings: dict[str, rr.Timing], records: dict[str, list]) -> Non
         a = torch.stack(records[name]).float().cpu()
         b = torch.stack(records["ours"]).float().cpu()
         rel = ((a - b).abs() / a.abs()).max().item()
+        figures["comparisons"][label] = {"speed_up": speed, "median_round_ratio": pr, "max_rel_loss_diff": rel}
         if name == "reference" and args.frame_sharing > 1:
             print(f"  losses not compared step by step: frame sharing draws one random shift per group "
                   f"(max relative difference {rel:.1e})")
         else:
             print(f"  max relative difference of the total loss over {len(a)} steps ({name} vs ours): {rel:.1e}")
+    return figures
 
 
 if __name__ == "__main__":
