@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -28,8 +29,6 @@ import torch
 from config import ConfigError, load_config
 from conftest import DEVICES, ROOT, strict_device
 from evaluation.backends import EnvSpec, evaluation_sequences, validation_instructions
-from evaluation.builtin_env.env import BuiltinEnv
-from evaluation.builtin_env.tasks import BuiltinTaskOracle
 from evaluation.pool import EnvPool
 from evaluation.protocol import RunStats, check_resume, run_protocol, run_sharded
 from evaluation.runner import ExpertPolicy, ZeroPolicy, evaluate, run_identity, warn_if_software_renderer
@@ -37,7 +36,20 @@ from evaluation.runner import ExpertPolicy, ZeroPolicy, evaluate, run_identity, 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 TASKS = "turn_on_led,turn_off_led,push_red_block_left,push_red_block_right,lift_red_block_table"
 EXPERT_EP_LEN = 45  # the expert needs 30-70 steps: some subtasks succeed, some fail
-INSTRUCTIONS = validation_instructions("builtin")
+
+
+@functools.cache
+def instructions() -> dict[str, str]:
+    """The built-in scene's instruction per task (imports the scene: pybullet; see builtin_scene)."""
+    return validation_instructions("builtin")
+
+
+def builtin_scene() -> tuple[type, type]:
+    """(BuiltinEnv, BuiltinTaskOracle), imported where used: they need pybullet, and the GPU check collects this module
+    for the cached policy's CUDA test on machines that may not have it."""
+    from evaluation.builtin_env.env import BuiltinEnv
+    from evaluation.builtin_env.tasks import BuiltinTaskOracle
+    return BuiltinEnv, BuiltinTaskOracle
 
 
 def config(*overrides: str):
@@ -49,7 +61,7 @@ def rows(out_dir) -> list[dict]:
 
 
 def run_pool(n_envs: int, spec: EnvSpec, policy, sequences, ep_len: int, out_dir, **kwargs) -> dict:
-    with EnvPool(n_envs, spec, policy, INSTRUCTIONS, ep_len) as pool:
+    with EnvPool(n_envs, spec, policy, instructions(), ep_len) as pool:
         if hasattr(policy, "pool"):
             policy.pool = pool
         return run_sharded(pool.evaluate, sequences, str(out_dir), progress=False, envs_per_process=n_envs,
@@ -130,8 +142,9 @@ def expert_sequences():
 @pytest.fixture(scope="module")
 def sequential_expert(expert_sequences, tmp_path_factory):
     out = tmp_path_factory.mktemp("sequential_expert")
-    with BuiltinEnv(render=False) as env:
-        run_protocol(env, BuiltinTaskOracle(), ExpertPolicy(env, INSTRUCTIONS), expert_sequences, INSTRUCTIONS,
+    env_class, oracle_class = builtin_scene()
+    with env_class(render=False) as env:
+        run_protocol(env, oracle_class(), ExpertPolicy(env, instructions()), expert_sequences, instructions(),
                      EXPERT_EP_LEN, str(out), progress=False)
     return rows(out)
 
@@ -158,7 +171,7 @@ def test_two_processes_with_two_env_workers_each_give_the_sequential_results_wit
         return list(gathered)
 
     for rank in (1, 0):
-        with EnvPool(2, EnvSpec(render=False), "expert", INSTRUCTIONS, EXPERT_EP_LEN) as pool:
+        with EnvPool(2, EnvSpec(render=False), "expert", instructions(), EXPERT_EP_LEN) as pool:
             summary = run_sharded(pool.evaluate, expert_sequences, str(tmp_path), rank, 2,
                                   lambda items, rank=rank: gather(items, rank), progress=False, envs_per_process=2)
     assert rows(tmp_path) == sequential_expert
@@ -205,8 +218,9 @@ def test_env_workers_give_the_sequential_results_with_a_tiny_gr1(tiny_gr1, tmp_p
     seqs = evaluation_sequences(config("num_sequences=8"))
     ep_len = 8
     sequential = Recording(GR1Policy(cfg, encoders, gr1, pre, "cpu"))
-    with BuiltinEnv() as env:
-        run_protocol(env, BuiltinTaskOracle(), sequential, seqs, INSTRUCTIONS, ep_len, str(tmp_path / "one"),
+    env_class, oracle_class = builtin_scene()
+    with env_class() as env:
+        run_protocol(env, oracle_class(), sequential, seqs, instructions(), ep_len, str(tmp_path / "one"),
                      progress=False)
     reference = [np.stack(trace) for trace in sequential.traces.values()]  # in order
     assert len(reference) == sum(len(r["subtasks"]) for r in rows(tmp_path / "one"))
@@ -314,7 +328,7 @@ def test_resume_with_any_number_of_envs_neither_repeats_nor_loses_a_sequence(exp
                                                                              tmp_path):
     cfg = config("num_sequences=8", "eval_policy=expert", f"ep_len={EXPERT_EP_LEN}")
     identity = run_identity(cfg)
-    with EnvPool(3, EnvSpec(render=False), "expert", INSTRUCTIONS, EXPERT_EP_LEN) as pool:
+    with EnvPool(3, EnvSpec(render=False), "expert", instructions(), EXPERT_EP_LEN) as pool:
         with pytest.raises(KeyboardInterrupt):
             run_sharded(interrupted_after(3)(pool), expert_sequences, str(tmp_path), progress=False,
                         identity=identity)
@@ -322,7 +336,7 @@ def test_resume_with_any_number_of_envs_neither_repeats_nor_loses_a_sequence(exp
     assert first[0] == {"run": json.loads(json.dumps(identity))} and len(first) == 4
 
     evaluated = []
-    with EnvPool(2, EnvSpec(render=False), "expert", INSTRUCTIONS, EXPERT_EP_LEN) as pool:
+    with EnvPool(2, EnvSpec(render=False), "expert", instructions(), EXPERT_EP_LEN) as pool:
         def counting(todo, stats):
             evaluated.extend(s.index for s in todo)
             return pool.evaluate(todo, stats)
@@ -336,7 +350,7 @@ def test_resume_refuses_another_evaluations_files(tmp_path):
     a one-line error (evaluate_calvin.py: 'error: ...', exit 2); the true resume, with 3 envs, completes it."""
     cfg = config("num_sequences=6", "eval_policy=expert", "ep_len=30", f"eval_dir={tmp_path}")
     seqs = evaluation_sequences(cfg)
-    with EnvPool(2, EnvSpec(render=False), "expert", INSTRUCTIONS, 30) as pool:
+    with EnvPool(2, EnvSpec(render=False), "expert", instructions(), 30) as pool:
         with pytest.raises(KeyboardInterrupt):
             run_sharded(interrupted_after(2)(pool), seqs, str(tmp_path), progress=False, identity=run_identity(cfg))
     ckpt_a, ckpt_b = tmp_path / "a.pth", tmp_path / "b.pth"
