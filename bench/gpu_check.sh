@@ -42,7 +42,7 @@ note() { echo "$*" | tee -a "$SETUP_LOG"; }
 
 if [ -n "$WHEELS" ]; then
     SITE="${TMPDIR:-/tmp}/gr1_gpu_check_site"
-    mapfile -t FILES < <(find "$WHEELS" -maxdepth 1 -name '*.whl' | grep -v -E '/(torch|nvidia_|triton)[-_][^/]*$' | sort)
+    mapfile -t FILES < <(find "$WHEELS" -maxdepth 1 -name '*.whl' | grep -v -E '/(torch-|nvidia_|triton-)[^/]*$' | sort)
     if [ ${#FILES[@]} -eq 0 ]; then
         note "wheels: none in $WHEELS"
     elif "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \

@@ -69,7 +69,8 @@ class StepResult:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from evaluation.pool import available_cores  # numpy, no torch
+    return available_cores()
 
 
 def step_device(opts):
