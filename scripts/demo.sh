@@ -45,8 +45,11 @@ fi
 CKPT=$(ls -v "$OUT"/train/GR1_*.pth | tail -n 1)
 
 step "evaluate the trained policy in the built-in scene ($SEQUENCES sequences, with videos)"
+# The checkpoint carries its architecture (and its random encoders): no --config; only evaluation keys are given,
+# among them the demo recipe's shorter subtask limit (the built-in scene's tasks take far fewer than 360 steps).
+EP_LEN=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['ep_len'])" "$CONFIG")
 $LAUNCH evaluate_calvin.py \
-  --config "$CONFIG" "ckpt_path=$CKPT" "eval_dir=$OUT/eval" "num_sequences=$SEQUENCES" "builtin_tasks=$TASKS" \
+  "ckpt_path=$CKPT" "eval_dir=$OUT/eval" "num_sequences=$SEQUENCES" "builtin_tasks=$TASKS" "ep_len=$EP_LEN" \
   record_evaluation_video=true
 
 step "evaluate the zero-action baseline on the same sequences"
@@ -61,9 +64,11 @@ trained = json.load(open(os.path.join(out, "eval", "result.txt")))["null"]
 zero = json.load(open(os.path.join(out, "eval_zero", "result.txt")))["null"]
 videos = sorted(os.listdir(os.path.join(out, "eval", "videos")))
 print(f"checkpoint:        {ckpt}")
+print(f"training curves:   {os.path.join(out, 'train', 'training_curves.png')}")
 print(f"TensorBoard logs:  tensorboard --logdir {os.path.join(out, 'train', 'logs')}")
-print(f"results:           {os.path.join(out, 'eval')} (result.txt, success_rate.txt, sequences.jsonl, "
-      "chain_success.png)")
+print(f"results:           {os.path.join(out, 'eval')} (result.txt, success_rate.txt, sequences.jsonl)")
+print(f"charts:            {os.path.join(out, 'eval', 'chain_success.png')}, "
+      f"{os.path.join(out, 'eval', 'task_success.png')}")
 print(f"a video:           {os.path.join(out, 'eval', 'videos', videos[0]) if videos else 'none'}")
 for name, r in (("trained GR-1", trained), ("zero action ", zero)):
     rates = " ".join(f"{k}/5 {v * 100:.0f}%" for k, v in r["chain_sr"].items())
