@@ -3,7 +3,9 @@
 #   install -> record demonstrations -> calvin2lmdb -> accelerate launch Main.py (tiny model) -> evaluation
 #   (the trained policy and a zero-action baseline).
 # Usage: bash scripts/demo.sh            (outputs in ./demo_run; re-running skips the steps already done)
-# Environment: OUT=<folder> to write elsewhere; DEMO_EPISODES / DEMO_SEQUENCES to change the sizes.
+# Environment: OUT=<folder> to write elsewhere; DEMO_EPISODES / DEMO_SEQUENCES to change the sizes; DEMO_THREADS
+# torch threads of the training and evaluation processes (default: every core; 1 on a machine busy with other work,
+# where threads that wait for each other at every operation make a step many times slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo_run}
@@ -13,7 +15,7 @@ TASKS=turn_on_led,turn_off_led,push_red_block_left,push_red_block_right,lift_red
 CONFIG=configs/demo.json
 # accelerate launch sets OMP_NUM_THREADS=1 for CPU processes unless told otherwise: give the one process every core
 LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
-  --num_cpu_threads_per_process $(nproc)"
+  --num_cpu_threads_per_process ${DEMO_THREADS:-$(nproc)}"
 start=$SECONDS
 step() { printf '\n== [%4ds] %s\n' $((SECONDS - start)) "$*"; }
 
