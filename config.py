@@ -146,6 +146,9 @@ ARCHITECTURE_KEYS = (
 # Frozen-encoder weight files: taken from the config, except that a model trained on the seeded RANDOM encoders
 # ('' in its checkpoint) keeps them unless the key is given explicitly (its features come from those encoders).
 ENCODER_WEIGHT_KEYS = ("mae_ckpt", "clip_ckpt")
+# What the model was trained to predict, tied to seq_len: taken from a checkpoint unless given (a given value may
+# differ: fine-tuning may change it).
+OBJECTIVE_KEYS = ("skip_frame",)
 
 _CHOICES = {
     "action_mode": ("ee_rel_pose", "ee_abs_pose"),
@@ -375,6 +378,9 @@ def adopt_checkpoint_config(cfg: Config, saved: dict[str, Any], explicit: frozen
     for key in ENCODER_WEIGHT_KEYS:
         if saved.get(key) == "" and key not in explicit:
             changes[key] = ""
+    for key in OBJECTIVE_KEYS:
+        if key in saved and key not in explicit:
+            changes[key] = getattr(saved_cfg, key)
     return cfg.replace(**changes)
 
 
@@ -392,6 +398,6 @@ def expand_path(path: str) -> str:
     return os.path.expandvars(os.path.expanduser(path)) if path else path
 
 
-__all__ = ["ARCHITECTURE_KEYS", "Config", "ConfigError", "DEFAULT_CONFIG", "ENCODER_WEIGHT_KEYS",
+__all__ = ["ARCHITECTURE_KEYS", "Config", "ConfigError", "DEFAULT_CONFIG", "ENCODER_WEIGHT_KEYS", "OBJECTIVE_KEYS",
            "add_config_arguments", "adopt_checkpoint_config", "config_from_args", "expand_path", "explicit_keys",
            "from_dict", "load_config", "parse_override", "save_config"]
