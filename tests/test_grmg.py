@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 
-from config import Config, from_dict
+from config import Config, ModelConfig, from_dict
 from conftest import ROOT
 from data_helpers import mini_lmdb  # noqa: F401 (session fixture)
 from models.build import (
@@ -149,7 +149,7 @@ def test_every_full_size_grmg_key_is_loaded_or_listed_as_dropped(layout_name):
     assert {k: v for k, v in grmg_config_values(layout["policy"]).items() if getattr(cfg, k) != v} == {}
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gr1, encoders = GR1(cfg), FrozenEncoders(MAEEncoder(), CLIPTextEncoder())
+        gr1, encoders = GR1(ModelConfig.from_config(cfg)), FrozenEncoders(MAEEncoder(), CLIPTextEncoder())
     dtypes = {"float32": torch.float32, "float16": torch.float16}
     own = gr1.state_dict()  # decoder_pos_embed is a real tensor even here: match each tensor's device
     sd = {k: torch.empty(shape, dtype=dtypes[dtype], device=own[k[6:]].device if k[6:] in own else "meta")
