@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from config import Config, adopt_checkpoint_config, expand_path
+from config import Config, ModelConfig, adopt_checkpoint_config, expand_path
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.files import CheckpointError, is_torchscript_archive, load_file, read_torchscript_tensors
 from models.gr1 import GR1
@@ -349,16 +349,16 @@ def build_gr1(cfg: Config) -> GR1:
     """A randomly initialised GR1 (seeded by cfg.seed)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        gr1 = GR1(cfg)
+        gr1 = GR1(ModelConfig.from_config(cfg))
     set_exact_attention(gr1, cfg.exact_attention)
     return gr1
 
 
-def default_weights_path(cfg: Config, for_eval: bool = False) -> str | None:
-    """Which policy weights a run starts from: ckpt_path if set (training and evaluation alike; for_eval is kept for
-    callers and changes nothing), else the Bytedance snapshot with load_bytedance_ckpt, else
-    save_path/GR1_<load_epoch>.pth as GR1-Training does: None (random) if it does not exist and load_epoch is 0, an
-    error naming the file for any other load_epoch (GR1-Training silently trained from scratch)."""
+def default_weights_path(cfg: Config) -> str | None:
+    """Which policy weights a run starts from: ckpt_path if set (training and evaluation alike), else the Bytedance
+    snapshot with load_bytedance_ckpt (GR-MG's with load_grmg_ckpt), else save_path/GR1_<load_epoch>.pth as
+    GR1-Training does: None (random) if it does not exist and load_epoch is 0, an error naming the file for any other
+    load_epoch (GR1-Training silently trained from scratch)."""
     if cfg.ckpt_path:
         return cfg.ckpt_path
     if cfg.load_bytedance_ckpt:
@@ -427,13 +427,13 @@ def load_policy_state_dict(gr1: GR1, encoders: FrozenEncoders | None, sd: dict[s
     return report
 
 
-def build_model(cfg: Config, device: torch.device | str = "cpu", weights: str | None = "default",
-                for_eval: bool = False) -> tuple[FrozenEncoders, GR1, LoadReport | None]:
+def build_model(cfg: Config, device: torch.device | str = "cpu", weights: str | None = "default"
+                ) -> tuple[FrozenEncoders, GR1, LoadReport | None]:
     """Frozen encoders and the GR1 network on `device`, with policy weights from `weights` ('default': the rule of
     default_weights_path; None: random init; else a path)."""
     encoders = build_encoders(cfg, device)
     gr1 = build_gr1(cfg)
-    path = default_weights_path(cfg, for_eval) if weights == "default" else weights
+    path = default_weights_path(cfg) if weights == "default" else weights
     report = load_policy_weights(gr1, encoders, path, cfg, weights_kind(cfg, path)) if path else None
     return encoders, gr1.to(device), report
 

@@ -164,11 +164,6 @@ class FrozenEncoders(nn.Module):
             self._cast_mae = {key: cast}
         return self._cast_mae[key]
 
-    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, S, S) normalised images -> cls (N, D), patches (N, P, D)."""
-        cls, patches = self.encode_frames({"images": images[:, None]})["images"]
-        return cls[:, 0], patches[:, 0]
-
     def encode_frames(self, images: dict[str, torch.Tensor], frame_mask: torch.Tensor | None = None
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """images[cam] (B, T, 3, S, S) -> features[cam] = (cls (B, T, F), patches (B, T, P, F)).
