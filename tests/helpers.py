@@ -3,11 +3,13 @@ gr1_fixtures.py or crafted.py, never from each other)."""
 from __future__ import annotations
 
 import socket
+import warnings
 
+import numpy as np
 import torch
 
 from config import Config, from_dict
-from facts import CAMERAS, GRIPPER_STATE_CLASSES
+from facts import CAMERA_KEYS, CAMERA_SIZES, CAMERAS, GRIPPER_STATE_CLASSES, ROBOT_OBS_DIM
 
 
 def free_port() -> int:
@@ -39,3 +41,20 @@ def tiny_inputs(cfg: Config, B: int = 2):
                    torch.randn(B, T, (S // cfg.patch_size) ** 2, cfg.img_feat_dim, generator=g))
              for cam in CAMERAS},
             torch.tensor([[1, 1, 1], [1, 1, 0]])[:B])
+
+
+def random_observation(rng: np.random.Generator) -> dict:
+    """A CALVIN-shaped observation: random camera images, a random robot state with the gripper at -1 or +1."""
+    return {"rgb_obs": {CAMERA_KEYS[cam]: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                        for cam, size in CAMERA_SIZES.items()},
+            "robot_obs": np.concatenate([rng.normal(size=ROBOT_OBS_DIM - 1), [rng.choice([-1.0, 1.0])]])}
+
+
+def random_policy_model(cfg: Config):
+    """(encoders, GR1 in eval mode, ImagePreprocessor) on the CPU with random weights (seeded by cfg.seed)."""
+    from data.preprocess import ImagePreprocessor
+    from models.build import build_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random encoders
+        encoders, gr1, _ = build_model(cfg, "cpu", weights=None)
+    return encoders, gr1.eval(), ImagePreprocessor(cfg, "cpu")
