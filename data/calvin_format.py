@@ -140,7 +140,7 @@ def load_frame(path: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- JPEG
 
 def encode_jpeg(image_hwc: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> JPEG bytes (quality 75, 4:2:0 like torchvision's encoder); deterministic."""
+    """(R, R, 3) uint8 camera image -> JPEG bytes (quality 75, 4:2:0 like torchvision's encoder); deterministic."""
     buffer = io.BytesIO()
     Image.fromarray(image_hwc, "RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()

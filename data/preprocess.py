@@ -55,7 +55,7 @@ class ImagePreprocessor:
     def _one_camera(self, images_u8: torch.Tensor, pad: int, train: bool) -> torch.Tensor:
         """(B, T, 3, R, R) uint8 -> (B, T, 3, S, S) normalised float32."""
         if images_u8.dim() != 5 or images_u8.shape[2] != 3:
-            raise ValueError(f"expected uint8 images (B, T, 3, R, R), got {tuple(images_u8.shape)}")
+            raise ValueError(f"expected uint8 images (batch, time, 3, height, width), got {tuple(images_u8.shape)}")
         x = images_u8.float() * (1 / 255.0)  # Faithful to GR1-Training: not bit-identical to / 255
         if train and pad > 0:
             x = random_shift(x, pad)

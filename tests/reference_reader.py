@@ -35,7 +35,7 @@ class ReferenceSchemaReader(Dataset):
         return pickle.loads(self.txn.get(key.encode()))
 
     def _image(self, key: str, size: int) -> torch.Tensor:
-        pixels = decode_jpeg(self._load(key).numpy().tobytes(), size)  # (H, W, 3)
+        pixels = decode_jpeg(self._load(key).numpy().tobytes(), size)  # (R, R, 3)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:

@@ -27,16 +27,14 @@ from config import Config, ModelConfig, from_dict
 from conftest import ROOT
 from data_helpers import mini_lmdb  # noqa: F401 (session fixture)
 from models.build import (
-    GRMG_MAY_LACK,
-    GRMG_ONLY_MODULES,
     CheckpointError,
     build_encoders,
     build_gr1,
-    grmg_config_values,
     load_file,
     load_policy_state_dict,
     load_policy_weights,
 )
+from models.converters import GRMG_MAY_LACK, GRMG_ONLY_MODULES, grmg_config_values
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
 from training_state import find_training_state
