@@ -67,13 +67,14 @@ class GR1BatchPolicy:
     def __init__(self, cfg: Config, encoders: FrozenEncoders, gr1: GR1, preprocessor, device: torch.device,
                  use_cache: bool = True, record_video: bool = False):
         self.cfg, self.encoders, self.gr1, self.pre, self.device = cfg, encoders, gr1, preprocessor, device
+        self.T = gr1.config.seq_len  # the window the model was built for
         self.use_cache, self.record_video = use_cache, record_video
         self._tokens: dict[str, torch.Tensor] = {}
         self.envs: dict[int, EnvHistory] = {}
 
     def reset(self, env_id: int) -> None:
         """Forget env_id's history (the start of a subtask)."""
-        self.envs[env_id] = EnvHistory(self.cfg.seq_len)
+        self.envs[env_id] = EnvHistory(self.T)
 
     @torch.no_grad()
     def act(self, requests: dict[int, tuple[dict, str]]) -> dict[int, dict[str, Any]]:
@@ -127,7 +128,7 @@ class GR1BatchPolicy:
 
     def _state_tensors(self, env: EnvHistory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zero-padded (T, 6) arm state, (T, 2) one-hot gripper state, (T,) attention mask of one env."""
-        T, n = self.cfg.seq_len, len(env.states)
+        T, n = self.T, len(env.states)
         states = torch.stack(list(env.states))  # (n, 7)
         arm = torch.zeros(T, ARM_DIM)
         arm[:n] = states[:, :ARM_DIM]
@@ -147,7 +148,7 @@ class GR1BatchPolicy:
     # ---- model queries ----
     def _query_cached(self, envs: list[EnvHistory], lang: torch.Tensor) -> dict[str, torch.Tensor]:
         """One GPT-2 pass over all envs, each at its own last valid step."""
-        T = self.cfg.seq_len
+        T = self.T
         frames = {}
         for cam in CAMERAS:
             rows = []
@@ -163,7 +164,7 @@ class GR1BatchPolicy:
     def _query_uncached(self, env: EnvHistory, lang: torch.Tensor) -> dict[str, torch.Tensor]:
         """GR1-Training's evaluator for one env: every frame of both cameras (zero-padded to T) re-encoded,
         everything decoded."""
-        T, n = self.cfg.seq_len, len(env.states)
+        T, n = self.T, len(env.states)
         padded = {}
         for cam in CAMERAS:
             stack = torch.stack(list(env.frames[cam]))  # (n, 3, R, R)
@@ -198,7 +199,7 @@ class GR1BatchPolicy:
     def _video_frames(self, out: dict[str, torch.Tensor], b: int) -> dict[str, np.ndarray]:
         frames = {}
         for key in PREDICTION_KEYS.values():
-            image = unpatchify(out[key][b].float(), self.cfg.patch_size)  # (1, 3, S, S)
+            image = unpatchify(out[key][b].float(), self.gr1.config.patch_size)  # (1, 3, S, S)
             pixels = self.pre.to_pixels(image)[0]  # [0, 255]
             frames[key] = pixels.permute(1, 2, 0).round().byte().cpu().numpy()
         return frames
