@@ -119,7 +119,7 @@ class CLIPTextEncoder(nn.Module):
     def __init__(self, embed_dim: int = 512, width: int = 512, layers: int = 12, heads: int = 8,
                  context_length: int = CONTEXT_LENGTH, vocab_size: int = CLIP_VOCAB_SIZE):
         super().__init__()
-        self.transformer = CLIPTransformer(width, layers, heads, context_length)
+        self.transformer = CLIPTransformer(width, layers, heads)
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.ln_final = FP32LayerNorm(width)

@@ -159,23 +159,24 @@ class CLIPResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=causal_mask.to(x.dtype))[0]
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=causal_mask)[0]
         return x + self.mlp(self.ln_2(x))
 
 
 class CLIPTransformer(nn.Module):
     """CLIP's text transformer: (L, B, W) -> (L, B, W), each token attending to itself and the tokens before it."""
 
-    def __init__(self, width: int, layers: int, heads: int, context_length: int):
+    def __init__(self, width: int, layers: int, heads: int):
         super().__init__()
         self.resblocks = nn.ModuleList([CLIPResidualBlock(width, heads) for _ in range(layers)])
-        # Not saved (CLIP's checkpoints hold no mask); moves and casts with the module.
-        self.register_buffer("causal_mask", torch.full((context_length, context_length), float("-inf")).triu_(1),
-                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = x.shape[0]
+        # Made per call rather than held as a buffer: CLIP's files hold no mask (not even in a TorchScript archive,
+        # which would keep a non-persistent buffer), and text embeddings are computed once per instruction anyway.
+        causal_mask = torch.full((L, L), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)  # (L, L)
         for block in self.resblocks:
-            x = block(x, self.causal_mask)
+            x = block(x, causal_mask)
         return x
 
 
