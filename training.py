@@ -304,8 +304,9 @@ def draw_training_curves(records: list[dict], path: str) -> None:
         values = [r[f"{s}/{name}"] for r in records for s in ("train", "val") if f"{s}/{name}" in r]
         if values and min(values) > 0:
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 1-2-5 labels, never crowded
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(title)
         if ax.get_lines():
             ax.legend(loc="upper right")
