@@ -93,7 +93,8 @@ def one_run(out: str, lmdb: str, sharing: int, seed: int, sequences: int, thread
             return json.load(f)
     os.makedirs(run_dir, exist_ok=True)
     from config import load_config
-    ckpt = os.path.join(run_dir, f"GR1_{load_config(CONFIG).num_epochs}.pth")
+    from models.files import checkpoint_path
+    ckpt = checkpoint_path(run_dir, load_config(CONFIG).num_epochs)
     print(f"{name}: training ...", flush=True)
     start = time.perf_counter()
     if not os.path.isfile(ckpt):
