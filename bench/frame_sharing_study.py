@@ -69,7 +69,7 @@ def score_validation(lmdb: str, ckpt: str) -> dict[str, float]:
     from data.lmdb_dataset import collate_batch, make_datasets
     from data.preprocess import ImagePreprocessor
     from models.build import build_model
-    from training import compute_losses
+    from training.step import compute_losses
     cfg = load_config(CONFIG, [f"LMDB_path={lmdb}"])
     _, val = make_datasets(cfg)
     encoders, gr1, _ = build_model(cfg, "cpu", weights=ckpt, for_eval=True)

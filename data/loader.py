@@ -5,7 +5,7 @@ pure function of (seed, epoch, rank, world size) and a resumed run can start mid
 
 With frame_sharing = g > 1 the training sampler permutes groups of g consecutive windows of one segment instead of
 single windows (LMDBDataset.window_groups), and each batch says which of its windows continue the previous one's
-group (SHARES_PREVIOUS), so that the training step encodes each distinct frame of a group once (training.py).
+group (SHARES_PREVIOUS), so that the training step encodes each distinct frame of a group once (training/step.py).
 """
 from __future__ import annotations
 

@@ -31,8 +31,9 @@ from data_helpers import mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_gr1, build_model, save_checkpoint
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder, tokenize
 from models.files import CheckpointError, load_file
-from training import NonFiniteLossError, check_save_path, error_line
-from training_state import lmdb_fingerprint, read_training_state
+from training.state import lmdb_fingerprint, read_training_state
+from training.step import NonFiniteLossError
+from training.trainer import check_save_path, error_line
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 

@@ -24,7 +24,7 @@ from data_helpers import copy_lmdb, mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_encoders, build_model
 from models.encoders import CLIPTextEncoder
 from models.files import CheckpointError, load_file, read_torchscript_tensors
-from training_state import FORMAT, TrainState, read_training_state
+from training.state import FORMAT, TrainState, read_training_state
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 
