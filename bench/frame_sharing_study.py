@@ -66,7 +66,8 @@ def score_validation(lmdb: str, ckpt: str) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from config import load_config
-    from data.lmdb_dataset import collate_batch, make_datasets
+    from data.batch_ring import collate_batch
+    from data.lmdb_dataset import make_datasets
     from data.preprocess import ImagePreprocessor
     from models.build import build_model
     from training.step import compute_losses

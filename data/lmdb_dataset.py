@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from config import Config, ConfigError, expand_path
 from data import calvin_format as cf
+from data.batch_ring import BatchRing, WrittenBatch, batch_buffers
 from data.codec import LMDBValueError, loads_value
 
 SHARES_PREVIOUS = "shares_previous"  # frame sharing's batch key: bool (B,), window b is the one after b - 1 in a group
@@ -200,18 +201,14 @@ class LMDBDataset(Dataset):
         self._txn: lmdb.Transaction | None = None
         self._pid = -1
         self._tokens: dict[int, np.ndarray] = {}
-        # Shared batch buffers a DataLoader worker cycles through (0: a new one per batch). Only safe where at most
-        # reuse_buffers - 2 batches of one worker are in flight and the consumer keeps at most 2 (make_loader).
-        self.reuse_buffers = 0
-        self._ring: list[dict[str, torch.Tensor]] = []
-        self._ring_pos, self._ring_pid = 0, -1
+        self.batch_ring: BatchRing | None = None  # set by make_loader: workers write batches into its buffers
         self.frame_groups: np.ndarray | None = None  # window_groups(g) with frame sharing (set by make_loader)
 
     def __len__(self) -> int:
         return self.num_items
 
-    def __getstate__(self) -> dict:  # DataLoader workers open their own LMDB handle and make their own buffers
-        return {**self.__dict__, "_env": None, "_txn": None, "_pid": -1, "_ring": [], "_ring_pid": -1}
+    def __getstate__(self) -> dict:  # DataLoader workers open their own LMDB handle
+        return {**self.__dict__, "_env": None, "_txn": None, "_pid": -1}
 
     def _get(self, key: bytes, shape: tuple[int | None, ...] | None = None) -> object:
         """The value of `key`; with `shape` (None: any size), a numeric array of that shape (anything else is an error
@@ -279,15 +276,15 @@ class LMDBDataset(Dataset):
             out[1:] = (idx[1:] == idx[:-1] + 1) & (groups[1:] == groups[:-1])
         return out
 
-    def __getitems__(self, indices: list[int]) -> CollatedBatch:
-        """The batch of `indices`, each item written straight into one buffer per entry (in shared memory inside a
-        DataLoader worker, so nothing is copied to send it): collate_batch passes it on as it is, while any other
-        collate function sees the list of items (views into the buffers) that DataLoader expects."""
-        in_worker = torch.utils.data.get_worker_info() is not None
-        if in_worker and self.reuse_buffers:
-            batch = self._next_shared_buffers(len(indices))
+    def __getitems__(self, indices: list[int]) -> WrittenBatch:
+        """The batch of `indices`, each item written straight into one buffer per entry: the batch_ring's next
+        buffer if set, else new memory (shared inside a DataLoader worker, so nothing is copied to send it).
+        collate_batch passes it on as it is; other collate functions see the sequence of items they expect."""
+        if self.batch_ring is not None:
+            batch, ticket = self.batch_ring.take(len(indices), self.item_shapes())
         else:
-            batch = self._new_batch_buffers(len(indices), in_worker)
+            in_worker = torch.utils.data.get_worker_info() is not None
+            batch, ticket = batch_buffers(len(indices), self.item_shapes(), shared=in_worker), None
         arrays = {k: v.numpy() for k, v in batch.items()}
         shares = self.shares_previous(indices)
         for row, idx in enumerate(indices):
@@ -299,24 +296,7 @@ class LMDBDataset(Dataset):
             self.fill(idx, {k: a[row] for k, a in arrays.items()}, known_frames=known)
         if SHARES_PREVIOUS in arrays:
             arrays[SHARES_PREVIOUS][...] = shares
-        return CollatedBatch(batch)
-
-    def _next_shared_buffers(self, n: int) -> dict[str, torch.Tensor]:
-        """The next of this worker's reuse_buffers shared batch buffers, as views of n rows. Allocating shared
-        memory costs more than filling it (its pages are faulted in anew each time): ~1.2 ms per sample."""
-        if self._ring_pid != os.getpid():
-            self._ring, self._ring_pos, self._ring_pid = [], 0, os.getpid()
-        slot = self._ring_pos % self.reuse_buffers
-        self._ring_pos += 1
-        if slot == len(self._ring):
-            self._ring.append({})
-        if not self._ring[slot] or len(self._ring[slot]["mask"]) < n:
-            self._ring[slot] = self._new_batch_buffers(n, shared=True)
-        return {k: v[:n] for k, v in self._ring[slot].items()}
-
-    def _new_batch_buffers(self, n: int, shared: bool) -> dict[str, torch.Tensor]:
-        """Uninitialised (n, ...) tensors, one per item entry."""
-        return {k: empty_tensor((n,) + tuple(shape), dtype, shared) for k, (shape, dtype) in self.item_shapes().items()}
+        return WrittenBatch(batch, ticket)
 
     def fill(self, idx: int, out: dict[str, np.ndarray], known_frames: int = 0) -> None:
         """Writes item `idx` into the arrays `out` (shapes and dtypes of item_shapes(); their contents are ignored,
@@ -361,33 +341,6 @@ class LMDBDataset(Dataset):
                 except ValueError as e:
                     raise DatasetError(f"LMDB {self.index.path}, key {key.decode()}: {e}") from None
         out["inst_token"][...] = self._inst_token(int(self.index.episode_of_step[step]))
-
-
-class CollatedBatch(list):
-    """What LMDBDataset.__getitems__ returns: the list of items DataLoader's collate functions expect (views into
-    the batch buffers), and the batch itself as `.batch` for collate_batch."""
-
-    def __init__(self, batch: dict[str, torch.Tensor]):
-        n = len(next(iter(batch.values())))
-        super().__init__({k: v[i] for k, v in batch.items()} for i in range(n))
-        self.batch = batch
-
-
-def collate_batch(data: list) -> dict[str, torch.Tensor]:
-    """DataLoader collate_fn: a CollatedBatch as it is (no copy), anything else by default_collate."""
-    if isinstance(data, CollatedBatch):
-        return data.batch
-    return torch.utils.data.default_collate(data)
-
-
-def empty_tensor(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, allocated directly in shared memory if `shared` (as default_collate does in workers:
-    a tensor sent from a worker is then passed by handle, without copying it)."""
-    dtype = torch.from_numpy(np.empty(0, dtype)).dtype
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
 def ratio_window_range(num_steps: int, start_ratio: float, end_ratio: float, seq_len: int, chunk_size: int
