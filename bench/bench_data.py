@@ -40,7 +40,8 @@ from data import calvin_format as cf
 from data.batch_ring import BatchRing, collate_batch
 from data.codec import loads_value
 from data.convert import convert
-from data.lmdb_dataset import LMDBDataset, close_lmdb, ratio_window_range, read_index, reading
+from data.lmdb_dataset import LMDBDataset, ratio_window_range
+from data.lmdb_reader import close_lmdb, read_index, reading
 from data.loader import BatchLoader, EpochSampler
 
 MINI_CALVIN = os.path.join(os.path.dirname(ROOT), "shared", "calvin", "mini_calvin")

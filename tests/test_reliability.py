@@ -25,7 +25,8 @@ from crafted import put_value
 from data import calvin_format as cf
 from data.codec import dumps_value
 from data.convert import ConversionError, convert
-from data.lmdb_dataset import close_lmdb, make_datasets
+from data.lmdb_dataset import make_datasets
+from data.lmdb_reader import close_lmdb
 from data.loader import EpochSampler
 from data_helpers import mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_gr1, build_model, save_checkpoint

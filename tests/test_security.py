@@ -19,7 +19,8 @@ from torch import nn
 from config import Config
 from conftest import ROOT
 from crafted import Run, crafted_pth, crafted_values, put_value, replace_zip_entry
-from data.lmdb_dataset import DatasetError, close_lmdb, make_datasets
+from data.lmdb_dataset import make_datasets
+from data.lmdb_reader import DatasetError, close_lmdb
 from data_helpers import copy_lmdb, mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_encoders, build_model
 from models.encoders import CLIPTextEncoder
