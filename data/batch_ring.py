@@ -52,7 +52,7 @@ def batch_buffers(n: int, shapes: Shapes, shared: bool) -> dict[str, torch.Tenso
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Ticket:
     """Which ring buffer a batch was written into, and the buffer's generation then."""
 
