@@ -26,7 +26,7 @@ from data import calvin_format as cf
 from data.codec import dumps_value
 from data.convert import ConversionError, convert
 from data.lmdb_dataset import make_datasets
-from data.lmdb_reader import close_lmdb
+from data.lmdb_reader import DatasetError, close_lmdb
 from data.loader import EpochSampler
 from data_helpers import mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_gr1, build_model, save_checkpoint
@@ -310,7 +310,6 @@ def test_corrupt_lmdb_pages_are_named(mini_lmdb, tmp_path):
     with open(os.path.join(path, "data.mdb"), "r+b") as f:
         f.seek(4096 * 3)
         f.write(np.random.default_rng(0).integers(0, 256, 4096 * 8, dtype=np.uint8).tobytes())
-    from data.lmdb_dataset import DatasetError
     with pytest.raises(DatasetError) as error:
         train, val = make_datasets(load_config(TINY, [f"LMDB_path={path}"]))
         for dataset in (train, val):
@@ -344,9 +343,8 @@ def test_weights_and_save_path_rules(tmp_path):
 
 
 def test_error_line_reduces_worker_tracebacks():
-    from data.lmdb_dataset import DatasetError
     wrapped = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 1\ndata.lmdb_dataset.DatasetError: LMDB /x, key rgb_static_3: "
+                         "last):\n  File \"x.py\", line 1\ndata.lmdb_reader.DatasetError: LMDB /x, key rgb_static_3: "
                          "bad\n")
     assert error_line(wrapped) == "LMDB /x, key rgb_static_3: bad"
     assert error_line(ValueError("one\ntwo")) == "one two"
