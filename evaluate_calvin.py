@@ -32,12 +32,12 @@ def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
     encoders = gr1 = weights = None
     if cfg.eval_policy == "gr1":
-        weights = default_weights_path(cfg, for_eval=True)
+        weights = default_weights_path(cfg)
         if weights is None:
             raise CheckpointError(f"no policy weights: {checkpoint_path(cfg.save_path, cfg.load_epoch)} "
                                   "does not exist; set ckpt_path=<file> (or load_epoch / load_bytedance_ckpt)")
         cfg = config_for_checkpoint(cfg, weights, explicit)  # the model is rebuilt from the checkpoint's config
-        encoders, gr1, report = build_model(cfg, acc.device, weights=weights, for_eval=True)
+        encoders, gr1, report = build_model(cfg, acc.device, weights=weights)
         gr1.eval()
         acc.print(report)
     out_dir = cfg.eval_dir or os.path.join(cfg.save_path, "eval")

@@ -94,8 +94,7 @@ class EmptyItems(Dataset):
         return 1 << 20
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        return {"rgb_static": torch.zeros(T, 3, 200, 200, dtype=torch.uint8),
-                "rgb_gripper": torch.zeros(T, 3, 84, 84, dtype=torch.uint8),
+        return {**{key: torch.zeros(T, 3, size, size, dtype=torch.uint8) for key, size in cf.CAMERA_SIZES.items()},
                 "inst_token": torch.zeros(77, dtype=torch.int32), "arm_state": torch.zeros(T, 6),
                 "gripper_state": torch.zeros(T, 2), "actions": torch.zeros(T, K, 7), "mask": torch.zeros(T, K)}
 

@@ -73,7 +73,7 @@ def score_validation(lmdb: str, ckpt: str) -> dict[str, float]:
     from training.step import compute_losses
     cfg = load_config(CONFIG, [f"LMDB_path={lmdb}"])
     _, val = make_datasets(cfg)
-    encoders, gr1, _ = build_model(cfg, "cpu", weights=ckpt, for_eval=True)
+    encoders, gr1, _ = build_model(cfg, "cpu", weights=ckpt)
     gr1.eval()
     pre = ImagePreprocessor(cfg)
     totals: dict[str, float] = {}

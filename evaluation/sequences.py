@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-CHAIN_LENGTH = 5
+from facts import CHAIN_LENGTH
+
 NUM_OFFICIAL_SEQUENCES = 1000
 SHUFFLE_SEED = 0  # CALVIN's temp_seed(0) around np.random.shuffle
 VALIDATION_INSTRUCTIONS_PATH = Path(__file__).resolve().parent / "data" / "new_playtable_validation.yaml"

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.reference_reader import ReferenceSchemaReader
 from conftest import ROOT
 from data import calvin_format as cf
 from data.convert import ConversionError, convert
@@ -28,6 +27,7 @@ from data_helpers import (  # noqa: F401 (fixture)
     segments_done,
 )
 from models.encoders import tokenize
+from reference_reader import ReferenceSchemaReader
 
 # (split, first frame, last frame, instruction) of mini_calvin, as its README lists them
 WINDOWS = [("training", 0, 64), ("training", 63, 127), ("training", 143, 191), ("training", 192, 240),

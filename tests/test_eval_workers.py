@@ -1,6 +1,5 @@
 """Evaluation with env worker processes (evaluation/pool.py, evaluation/env_worker.py) and batched GR-1 queries
-(evaluation/policy.py), in the built-in scene:
-- batched GR-1 queries over envs with different history lengths equal per-env queries;
+(evaluation/policy.py, whose own tests are in test_policy.py), in the built-in scene:
 - 1 env, 3 envs per process and 2 processes x 2 envs give the sequential protocol's per-sequence results (steps
   per subtask) on 8 sequences, with the scripted expert (inside the workers) and with a fixed-weight tiny GR-1
   (served in batches by this process; its actions and the states they lead to are compared too; its 2 x 2 run is an
@@ -32,6 +31,7 @@ from evaluation.builtin_env.tasks import BuiltinTaskOracle
 from evaluation.pool import EnvPool
 from evaluation.protocol import RunStats, check_resume, run_protocol, run_sharded
 from evaluation.runner import ExpertPolicy, ZeroPolicy, evaluate, run_identity, warn_if_software_renderer
+from helpers import random_policy_model
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 TASKS = "turn_on_led,turn_off_led,push_red_block_left,push_red_block_right,lift_red_block_table"
@@ -60,56 +60,12 @@ def run_pool(n_envs: int, spec: EnvSpec, policy, sequences, ep_len: int, out_dir
 
 @pytest.fixture(scope="module")
 def tiny_gr1():
-    from data.preprocess import ImagePreprocessor
-    from models.build import build_model
     cfg = config("test_chunk_size=2", "seed=3")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random encoders
-        encoders, gr1, _ = build_model(cfg, "cpu", weights=None)
-    gr1.eval()
+    encoders, gr1, pre = random_policy_model(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the env workers need the cores (evaluation.runner.policy_threads does the same)
-    yield cfg, encoders, gr1, ImagePreprocessor(cfg, "cpu")
+    yield cfg, encoders, gr1, pre
     torch.set_num_threads(threads)
-
-
-def random_observation(rng: np.random.Generator) -> dict:
-    return {"rgb_obs": {"rgb_static": rng.integers(0, 256, (200, 200, 3), dtype=np.uint8),
-                        "rgb_gripper": rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)},
-            "robot_obs": np.concatenate([rng.normal(size=14), [rng.choice([-1.0, 1.0])]])}
-
-
-def test_batched_gr1_queries_equal_per_env_queries(tiny_gr1):
-    """3 envs starting 0, 2 and 5 steps apart (so their histories differ in length until all are full), chunks of 2
-    actions (so they query at different ticks), another instruction each, predicted frames on: one batched policy
-    gives each env the actions of its own single-env policy, and the cached path equals the uncached one."""
-    from evaluation.policy import GR1BatchPolicy, GR1Policy
-    cfg, encoders, gr1, pre = tiny_gr1
-    rng = np.random.default_rng(0)
-    starts, length = (0, 2, 5), 12
-    streams = [[random_observation(rng) for _ in range(length)] for _ in starts]
-    texts = ["go push the red block right", "press the button to turn on the led light", "grasp and lift the red block"]
-    single = []
-    for stream, text in zip(streams, texts):
-        policy = GR1Policy(cfg, encoders, gr1, pre, "cpu", record_video=True)
-        single.append([policy.step(obs, text) for obs in stream])
-    batched = GR1BatchPolicy(cfg, encoders, gr1, pre, "cpu", record_video=True)
-    got: dict[int, list] = defaultdict(list)
-    sizes = Counter()
-    for tick in range(max(starts) + length):
-        requests = {e: (streams[e][tick - s], texts[e]) for e, s in enumerate(starts) if 0 <= tick - s < length}
-        sizes[len(requests)] += 1
-        for e, out in batched.act(requests).items():
-            got[e].append(out)
-    assert sizes[3] >= 5  # the three envs were served together, with different history lengths
-    action_diff = max(np.abs(a["action"] - b["action"]).max() for e in got for a, b in zip(got[e], single[e]))
-    frame_diff = max(np.abs(a[k].astype(int) - b[k].astype(int)).max() for e in got for a, b in zip(got[e], single[e])
-                     for k in ("rgb_static_pred", "rgb_gripper_pred"))
-    assert [len(got[e]) for e in range(3)] == [length] * 3
-    assert action_diff <= 1e-5 and frame_diff <= 1
-    uncached = GR1Policy(cfg, encoders, gr1, pre, "cpu", use_cache=False)
-    reference = [uncached.step(obs, texts[0]) for obs in streams[0]]
-    assert max(np.abs(a["action"] - b["action"]).max() for a, b in zip(reference, single[0])) <= 1e-5
 
 
 # ---------------------------------------------------------------- same results as the sequential protocol

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from bench.reference_reader import ReferenceSchemaReader
 from config import Config
 from conftest import shared_path
 from data.batch_ring import BatchRing, StaleBatchError, collate_batch
@@ -21,6 +20,7 @@ from data.lmdb_dataset import (
 )
 from data.loader import BatchLoader, make_loader
 from data_helpers import assert_items_equal, copy_lmdb, mini_calvin, mini_lmdb  # noqa: F401 (fixture)
+from reference_reader import ReferenceSchemaReader
 
 
 def _cfg(path: str, **changes) -> Config:

@@ -29,6 +29,7 @@ from data.lmdb_dataset import make_datasets
 from data.lmdb_reader import DatasetError, close_lmdb
 from data.loader import EpochSampler
 from data_helpers import mini_lmdb  # noqa: F401 (fixture)
+from helpers import free_port
 from models.build import build_gr1, build_model, save_checkpoint
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder, tokenize
 from models.files import CheckpointError, load_file
@@ -225,16 +226,9 @@ def test_converter_sigterm_and_sigkill_leave_no_process(mini_lmdb, tmp_path):
 def _train_cmd(lmdb: str, save: str, processes: int = 1) -> list[str]:
     launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                 str(_free_port())] if processes > 1 else [sys.executable])
+                 str(free_port())] if processes > 1 else [sys.executable])
     return launcher + ["Main.py", "--config", TINY, f"LMDB_path={lmdb}", f"save_path={save}", "workers_per_gpu=1",
                        "print_steps=1", "save_steps=0", "num_epochs=1"]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _logged_batches(save: str) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from config import load_config
 from conftest import ROOT, shared_path
+from helpers import free_port
 from models.build import build_model, load_file
 from training.logs import read_metrics
 
@@ -36,13 +37,6 @@ def train_cmd(lmdb: str, save: str, *overrides: str, processes: int = 1) -> list
                  str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                  "--main_process_port", str(free_port())] if processes > 1 else [sys.executable])
     return launcher + ["Main.py", "--config", TINY, f"LMDB_path={lmdb}", f"save_path={save}", *overrides]
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_training(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -72,7 +66,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(lmdb_path, tmp
     ckpt = load_file(os.path.join(save, "GR1_1.pth"))
     assert not any(k.startswith(("model_mae", "model_clip")) for k in ckpt["state_dict"])
     cfg = load_config(TINY)
-    _, gr1, report = build_model(cfg, "cpu", weights=os.path.join(save, "GR1_1.pth"), for_eval=True)
+    _, gr1, report = build_model(cfg, "cpu", weights=os.path.join(save, "GR1_1.pth"))
     assert report.format == "gr1-training"
     assert torch.equal(gr1.state_dict()["embed_lang.weight"], ckpt["state_dict"]["embed_lang.weight"])
     # evaluate_during_training ran the evaluation module on the saved weights

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config
+from config import Config, ModelConfig
 from data.lmdb_dataset import SHARES_PREVIOUS
 from data.loader import HOST_FRAME_MASK, EpochSampler
 from models.encoders import FrozenEncoders
@@ -108,8 +108,7 @@ def compute_losses(model: nn.Module, encoders: FrozenEncoders, preprocessor, bat
                    train: bool) -> dict[str, torch.Tensor]:
     """The four losses and their total for one batch (predict_batch, then models/losses.py)."""
     out, images = predict_batch(model, encoders, preprocessor, batch, cfg, train)
-    return gr1_losses(out, images, batch["actions"], batch["mask"], cfg.skip_frame, cfg.patch_size,
-                      not cfg.without_norm_pixel_loss, cfg.arm_loss_ratio)
+    return gr1_losses(out, images, batch["actions"], batch["mask"], ModelConfig.from_config(cfg))
 
 
 # ---------------------------------------------------------------- the step's checks
