@@ -8,7 +8,7 @@ With --reference_dir (a local clone of EDiRobotics/GR1-Training, imported at run
 reference's GR1 is built as its Main.py builds it, with random full-size weights (configs.json unless overridden),
 and its whole state dict goes into our model through our converter, so both hold the same weights. Each round runs
 one optimiser step of each (reference: PreProcess.rgb_process, GR1.forward, Main.py's masked_loss x 4, backward,
-AdamW fused as its Main.py; ours: training.py's compute_losses, backward, make_optimizer's AdamW) on the same
+AdamW fused as its Main.py; ours: training/step.py's compute_losses, backward, make_optimizer's AdamW) on the same
 batch with the same random shifts, alternating which goes first; round 0 is a warm-up. Prints every step, the
 medians, the ratio of the medians and the median of the per-round ratios, and the largest relative difference of
 the two losses over the rounds. GPT-2 dropout is 0 in both, so that the losses can be compared step by step.
@@ -48,7 +48,7 @@ from data.loader import HOST_FRAME_MASK, HOST_KEYS
 from data.preprocess import ImagePreprocessor
 from facts import ACTION_DIM, ARM_DIM, GRIPPER_STATE_CLASSES
 from models.build import build_model
-from training import compute_losses, make_optimizer
+from training.step import compute_losses, make_optimizer
 
 
 def synthetic_batch(cfg: Config, B: int, seed: int, frame_sharing: int, device: torch.device

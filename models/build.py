@@ -26,7 +26,7 @@ from models.converters import (
     split_encoder_keys,
 )
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
-from models.files import CheckpointError, is_torchscript_archive, load_file, read_torchscript_tensors
+from models.files import CheckpointError, checkpoint_path, is_torchscript_archive, load_file, read_torchscript_tensors
 from models.gr1 import GR1
 from models.layers import Attention
 
@@ -159,7 +159,7 @@ def default_weights_path(cfg: Config) -> str | None:
         return cfg.bytedance_ckpt_path
     if cfg.load_grmg_ckpt:
         return cfg.grmg_ckpt_path
-    path = os.path.join(cfg.save_path, f"GR1_{cfg.load_epoch}.pth")
+    path = checkpoint_path(cfg.save_path, cfg.load_epoch)
     if cfg.load_epoch and not os.path.isfile(path):
         raise CheckpointError(f"load_epoch={cfg.load_epoch} but {path} does not exist (load_epoch=0 starts from "
                               "random weights)")

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.calvin_format import CAMERA_SIZES, decode_jpeg
-from data.lmdb_dataset import open_lmdb  # one handle per process and path (py-lmdb's rule)
+from data.lmdb_reader import open_lmdb  # one handle per process and path (py-lmdb's rule)
 
 
 class ReferenceSchemaReader(Dataset):

@@ -15,7 +15,8 @@ import torch
 from conftest import ROOT
 from data import calvin_format as cf
 from data.convert import ConversionError, convert
-from data.lmdb_dataset import DatasetError, LMDBDataset, close_lmdb, ratio_window_range, read_index
+from data.lmdb_dataset import LMDBDataset, ratio_window_range
+from data.lmdb_reader import DatasetError, close_lmdb, read_index
 from data_helpers import (  # noqa: F401 (fixture)
     assert_items_equal,
     copy_lmdb,

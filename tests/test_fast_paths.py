@@ -9,7 +9,7 @@ import torch
 from config import load_config
 from conftest import ROOT
 from models.build import build_encoders
-from training import detached, empty_totals, mean_losses
+from training.logs import detached, empty_totals, mean_losses
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 

@@ -19,7 +19,7 @@ from data.preprocess import ImagePreprocessor
 from data_helpers import mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_model
 from models.losses import gr1_losses
-from training import batch_images, frame_groups, predict_batch
+from training.step import batch_images, frame_groups, predict_batch
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 

@@ -37,7 +37,7 @@ from models.build import (
 from models.converters import GRMG_MAY_LACK, GRMG_ONLY_MODULES, grmg_config_values
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
-from training_state import find_training_state
+from training.state import find_training_state
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "grmg")
 SMALL_CKPT = os.path.join(FIXTURES, "grmg_small.ckpt")

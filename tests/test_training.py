@@ -17,6 +17,7 @@ from config import load_config
 from conftest import ROOT, shared_path
 from helpers import free_port
 from models.build import build_model, load_file
+from training.logs import read_metrics
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 
@@ -104,7 +105,7 @@ def test_killed_run_resumes_exactly(lmdb_path, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         path = os.path.join(killed, "metrics.jsonl")
-        if os.path.isfile(path) and any(r["batches"] >= 9 for r in _safe_metrics(path)):
+        if os.path.isfile(path) and any(r["batches"] >= 9 for r in read_metrics(path)):  # skips a line being written
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
@@ -119,17 +120,6 @@ def test_killed_run_resumes_exactly(lmdb_path, tmp_path):
         assert resumed[b] == by_batch[b], f"batch {b}: {resumed[b]} != {by_batch[b]}"
     a, b = _final_weights(full), _final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _safe_metrics(path: str) -> list[dict]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
 
 
 @pytest.mark.parametrize("override, message", [
