@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from facts import ACTION_DIM, ARM_DIM, TokenLayout
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.json")
 
 
@@ -75,8 +77,8 @@ class Config:
     test_chunk_size: int = 1  # actions executed per policy query during evaluation
     skip_frame: int = 3  # observation queries of step t predict frame t + skip_frame
     action_mode: str = "ee_rel_pose"  # 'ee_rel_pose' (rel_actions) or 'ee_abs_pose' (actions)
-    act_dim: int = 7  # arm (6) + gripper (1)
-    state_dim: int = 7  # arm (6) + gripper (1)
+    act_dim: int = ACTION_DIM  # arm (6) + gripper (1)
+    state_dim: int = ACTION_DIM  # arm (6) + gripper (1)
     use_hand_rgb: bool = True  # use the gripper camera (must be true, as the reference)
     clip_backbone: str = "ViT-B/32"  # CLIP model name (informational; weights come from clip_ckpt)
     act_pred: bool = True  # train the action head (must be true, as the reference)
@@ -134,18 +136,71 @@ class Config:
         return from_dict({**self.to_dict(), **changes}, source="replace()")
 
 
-# Keys that decide the network's shapes and its input preprocessing. Checkpoints written here record them (in their
-# 'config'), and evaluate_calvin.py / fine-tuning from ckpt_path rebuild the model from the checkpoint's values.
-ARCHITECTURE_KEYS = (
-    "rgb_shape", "patch_size", "rgb_mean", "rgb_std", "embed_dim", "n_layer", "n_head", "activation_function",
-    "n_positions", "resampler_depth", "resampler_dim_head", "resampler_heads", "resampler_num_media_embeds",
-    "resampler_num_latents", "seq_len", "chunk_size", "action_mode", "act_dim", "state_dim", "use_hand_rgb",
-    "img_feat_dim", "patch_feat_dim", "lang_feat_dim", "clip_text_width", "clip_text_layers", "clip_text_heads",
-    "mae_depth", "mae_num_heads",
-)
+@dataclass(frozen=True)
+class ModelConfig:
+    """The part of Config that GR1 (models/gr1.py), its losses (models/losses.py) and a checkpoint's architecture
+    need: ModelConfig.from_config(cfg). The meaning of each field is its comment in Config."""
+
+    # ---- architecture: the network's shapes and its input preprocessing. Checkpoints written here record these
+    # (in their 'config'), and evaluate_calvin.py / fine-tuning from ckpt_path rebuild the model with their values.
+    rgb_shape: int
+    patch_size: int
+    rgb_mean: tuple[float, ...]
+    rgb_std: tuple[float, ...]
+    embed_dim: int
+    n_layer: int
+    n_head: int
+    activation_function: str
+    n_positions: int
+    resampler_depth: int
+    resampler_dim_head: int
+    resampler_heads: int
+    resampler_num_media_embeds: int
+    resampler_num_latents: int
+    seq_len: int
+    chunk_size: int
+    action_mode: str
+    act_dim: int
+    state_dim: int
+    use_hand_rgb: bool
+    img_feat_dim: int
+    patch_feat_dim: int
+    lang_feat_dim: int
+    clip_text_width: int
+    clip_text_layers: int
+    clip_text_heads: int
+    mae_depth: int
+    mae_num_heads: int
+    # ---- training behaviour of the network and its losses (not architecture: a fine-tuning run may change them)
+    dropout: float
+    skip_frame: int
+    without_norm_pixel_loss: bool
+    arm_loss_ratio: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ModelConfig:
+        return cls(**{name: getattr(cfg, name) for name in _MODEL_FIELDS})
+
+    @property
+    def layout(self) -> TokenLayout:
+        """One timestep's token block (facts.TokenLayout)."""
+        return TokenLayout(self.resampler_num_latents, self.chunk_size)
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side (rgb_shape / patch_size)."""
+        return self.rgb_shape // self.patch_size
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+_NOT_ARCHITECTURE = ("dropout", "skip_frame", "without_norm_pixel_loss", "arm_loss_ratio")
+ARCHITECTURE_KEYS = tuple(name for name in _MODEL_FIELDS if name not in _NOT_ARCHITECTURE)
 # Frozen-encoder weight files: taken from the config, except that a model trained on the seeded RANDOM encoders
 # ('' in its checkpoint) keeps them unless the key is given explicitly (its features come from those encoders).
 ENCODER_WEIGHT_KEYS = ("mae_ckpt", "clip_ckpt")
+# What the model was trained to predict, tied to seq_len: taken from a checkpoint unless given (a given value may
+# differ: fine-tuning may change it).
+OBJECTIVE_KEYS = ("skip_frame",)
 
 _CHOICES = {
     "action_mode": ("ee_rel_pose", "ee_abs_pose"),
@@ -244,8 +299,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail(f"'img_feat_dim' ({cfg.img_feat_dim}) must be divisible by 'mae_num_heads' ({cfg.mae_num_heads})")
     if cfg.clip_text_width % cfg.clip_text_heads:
         fail("'clip_text_width' must be divisible by 'clip_text_heads'")
-    if cfg.act_dim != 7 or cfg.state_dim != 7:
-        fail("'act_dim' and 'state_dim' must be 7 (CALVIN: 6 arm + 1 gripper)")
+    if cfg.act_dim != ACTION_DIM or cfg.state_dim != ACTION_DIM:
+        fail(f"'act_dim' and 'state_dim' must be {ACTION_DIM} (CALVIN: {ARM_DIM} arm + 1 gripper)")
     if cfg.resampler_num_media_embeds != 1:
         fail("'resampler_num_media_embeds' must be 1 (one image per resampler call)")
     if cfg.test_chunk_size > cfg.chunk_size:
@@ -279,9 +334,9 @@ def _check_consistency(cfg: Config, source: str) -> None:
         fail(f"'rgb_std' entries must be > 0, got {list(cfg.rgb_std)}")
     if not 0.0 <= cfg.dropout < 1.0:
         fail(f"'dropout' must be in [0, 1), got {cfg.dropout}")
-    tokens_per_step = 2 + 2 * (cfg.resampler_num_latents + 1) + cfg.chunk_size + 2 * (cfg.resampler_num_latents + 1)
-    if tokens_per_step * cfg.seq_len > cfg.n_positions:
-        fail(f"seq_len x tokens per step = {tokens_per_step * cfg.seq_len} exceeds 'n_positions' ({cfg.n_positions})")
+    tokens = TokenLayout(cfg.resampler_num_latents, cfg.chunk_size).per_step * cfg.seq_len
+    if tokens > cfg.n_positions:
+        fail(f"seq_len x tokens per step = {tokens} exceeds 'n_positions' ({cfg.n_positions})")
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
@@ -375,6 +430,9 @@ def adopt_checkpoint_config(cfg: Config, saved: dict[str, Any], explicit: frozen
     for key in ENCODER_WEIGHT_KEYS:
         if saved.get(key) == "" and key not in explicit:
             changes[key] = ""
+    for key in OBJECTIVE_KEYS:
+        if key in saved and key not in explicit:
+            changes[key] = getattr(saved_cfg, key)
     return cfg.replace(**changes)
 
 
@@ -392,6 +450,6 @@ def expand_path(path: str) -> str:
     return os.path.expandvars(os.path.expanduser(path)) if path else path
 
 
-__all__ = ["ARCHITECTURE_KEYS", "Config", "ConfigError", "DEFAULT_CONFIG", "ENCODER_WEIGHT_KEYS",
-           "add_config_arguments", "adopt_checkpoint_config", "config_from_args", "expand_path", "explicit_keys",
-           "from_dict", "load_config", "parse_override", "save_config"]
+__all__ = ["ARCHITECTURE_KEYS", "Config", "ConfigError", "DEFAULT_CONFIG", "ENCODER_WEIGHT_KEYS", "ModelConfig",
+           "OBJECTIVE_KEYS", "add_config_arguments", "adopt_checkpoint_config", "config_from_args", "expand_path",
+           "explicit_keys", "from_dict", "load_config", "parse_override", "save_config"]

@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from config import Config, ConfigError, add_config_arguments, config_from_args, explicit_keys
 from evaluation.pool import EvalWorkerError
 from models.build import CheckpointError, build_model, config_for_checkpoint, default_weights_path
+from models.files import checkpoint_path
 from processes import die_with_launcher
 
 
@@ -31,12 +32,12 @@ def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
     encoders = gr1 = weights = None
     if cfg.eval_policy == "gr1":
-        weights = default_weights_path(cfg, for_eval=True)
+        weights = default_weights_path(cfg)
         if weights is None:
-            raise CheckpointError(f"no policy weights: {os.path.join(cfg.save_path, f'GR1_{cfg.load_epoch}.pth')} "
+            raise CheckpointError(f"no policy weights: {checkpoint_path(cfg.save_path, cfg.load_epoch)} "
                                   "does not exist; set ckpt_path=<file> (or load_epoch / load_bytedance_ckpt)")
         cfg = config_for_checkpoint(cfg, weights, explicit)  # the model is rebuilt from the checkpoint's config
-        encoders, gr1, report = build_model(cfg, acc.device, weights=weights, for_eval=True)
+        encoders, gr1, report = build_model(cfg, acc.device, weights=weights)
         gr1.eval()
         acc.print(report)
     out_dir = cfg.eval_dir or os.path.join(cfg.save_path, "eval")

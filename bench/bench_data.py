@@ -37,10 +37,12 @@ sys.path.insert(0, ROOT)
 
 from bench import real_reference as rr
 from data import calvin_format as cf
+from data.batch_ring import BatchRing, collate_batch
 from data.codec import loads_value
 from data.convert import convert
-from data.lmdb_dataset import LMDBDataset, close_lmdb, collate_batch, ratio_window_range, read_index, reading
-from data.loader import EpochSampler, reuse_worker_buffers
+from data.lmdb_dataset import LMDBDataset, ratio_window_range
+from data.lmdb_reader import close_lmdb, read_index, reading
+from data.loader import BatchLoader, EpochSampler
 
 SHARED = os.environ.get("GR1_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")  # as tests/conftest.py
 MINI_CALVIN = os.path.join(SHARED, "calvin", "mini_calvin")
@@ -56,14 +58,14 @@ def in_process_rate(dataset: Dataset, order: list[int]) -> float:
 
 def loader_rate(dataset: Dataset, order: list[int]) -> float:
     """Through a DataLoader with 1 worker, batch 8, prefetch_factor 2: ours set up as make_loader does (collate_batch;
-    batches written in place into prefetch_factor + 2 reused shared buffers), the reference reader with the default
-    collate (items stacked into new shared memory per batch)."""
-    collate = None
+    batches written in place into the prefetch_factor + 2 shared buffers of a BatchRing, handed out under its rule),
+    the reference reader with the default collate (items stacked into new shared memory per batch)."""
+    collate = ring = None
     if isinstance(dataset, LMDBDataset):
         collate = collate_batch
-        reuse_worker_buffers(dataset, prefetch_factor=2)  # DataLoader's default prefetch_factor
-    loader = DataLoader(Subset(dataset, order), batch_size=8, num_workers=1, multiprocessing_context="fork",
-                        collate_fn=collate)
+        ring = dataset.batch_ring = BatchRing(prefetch_factor=2)  # DataLoader's default prefetch_factor
+    loader = BatchLoader(DataLoader(Subset(dataset, order), batch_size=8, num_workers=1,
+                                    multiprocessing_context="fork", collate_fn=collate), ring)
     batches = iter(loader)
     next(batches)  # worker start-up is not the loader's steady state
     start = time.perf_counter()
@@ -93,8 +95,7 @@ class EmptyItems(Dataset):
         return 1 << 20
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        return {"rgb_static": torch.zeros(T, 3, 200, 200, dtype=torch.uint8),
-                "rgb_gripper": torch.zeros(T, 3, 84, 84, dtype=torch.uint8),
+        return {**{key: torch.zeros(T, 3, size, size, dtype=torch.uint8) for key, size in cf.CAMERA_SIZES.items()},
                 "inst_token": torch.zeros(77, dtype=torch.int32), "arm_state": torch.zeros(T, 6),
                 "gripper_state": torch.zeros(T, 2), "actions": torch.zeros(T, K, 7), "mask": torch.zeros(T, K)}
 

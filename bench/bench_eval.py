@@ -29,14 +29,15 @@ from bench import real_reference as rr
 from config import load_config
 from data.preprocess import ImagePreprocessor
 from evaluation.policy import GR1Policy
+from facts import CAMERA_KEYS, CAMERA_SIZES
 from models.build import build_model
 
 INSTRUCTION = "push the sliding door to the left side"
 
 
 def observation(rng: np.random.Generator) -> dict:
-    return {"rgb_obs": {"rgb_static": rng.integers(0, 256, (200, 200, 3), dtype=np.uint8),
-                        "rgb_gripper": rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)},
+    return {"rgb_obs": {CAMERA_KEYS[cam]: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                        for cam, size in CAMERA_SIZES.items()},
             "robot_obs": np.concatenate([rng.normal(size=14), [rng.choice([-1.0, 1.0])]])}
 
 

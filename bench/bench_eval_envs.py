@@ -37,6 +37,7 @@ from evaluation.policy import GR1BatchPolicy  # noqa: E402
 from evaluation.pool import EnvPool, available_cores  # noqa: E402
 from evaluation.protocol import RunStats  # noqa: E402
 from evaluation.runner import policy_threads  # noqa: E402
+from facts import CAMERA_KEYS, CAMERA_SIZES  # noqa: E402
 from models.build import build_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,8 +76,8 @@ def gr1_policy(config_path: str, device: torch.device = CPU) -> GR1BatchPolicy:
 def warm_up(policy: GR1BatchPolicy, n_envs: int, instruction: str) -> None:
     """First queries of every batch size (allocator and kernel selection), then forget them."""
     rng = np.random.default_rng(0)
-    obs = {"rgb_obs": {"rgb_static": rng.integers(0, 256, (200, 200, 3), dtype=np.uint8),
-                       "rgb_gripper": rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)},
+    obs = {"rgb_obs": {CAMERA_KEYS[cam]: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                       for cam, size in CAMERA_SIZES.items()},
            "robot_obs": np.zeros(15)}
     for size in range(1, n_envs + 1):
         policy.act({i: (obs, instruction) for i in range(size)})

@@ -8,7 +8,7 @@ With --reference_dir (a local clone of EDiRobotics/GR1-Training, imported at run
 reference's GR1 is built as its Main.py builds it, with random full-size weights (configs.json unless overridden),
 and its whole state dict goes into our model through our converter, so both hold the same weights. Each round runs
 one optimiser step of each (reference: PreProcess.rgb_process, GR1.forward, Main.py's masked_loss x 4, backward,
-AdamW fused as its Main.py; ours: training.py's compute_losses, backward, make_optimizer's AdamW) on the same
+AdamW fused as its Main.py; ours: training/step.py's compute_losses, backward, make_optimizer's AdamW) on the same
 batch with the same random shifts, alternating which goes first; round 0 is a warm-up. Prints every step, the
 medians, the ratio of the medians and the median of the per-round ratios, and the largest relative difference of
 the two losses over the rounds. GPT-2 dropout is 0 in both, so that the losses can be compared step by step.
@@ -45,11 +45,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import real_reference as rr
 from config import Config, load_config
+from data.calvin_format import CAMERA_SIZES
 from data.lmdb_dataset import SHARES_PREVIOUS
 from data.loader import HOST_FRAME_MASK, HOST_KEYS
 from data.preprocess import ImagePreprocessor
+from facts import ACTION_DIM, ARM_DIM, GRIPPER_STATE_CLASSES
 from models.build import build_model
-from training import compute_losses, make_optimizer
+from training.step import compute_losses, make_optimizer
 
 
 def synthetic_batch(cfg: Config, B: int, seed: int, frame_sharing: int, device: torch.device
@@ -59,17 +61,16 @@ def synthetic_batch(cfg: Config, B: int, seed: int, frame_sharing: int, device: 
     T, K, G = cfg.seq_len, cfg.chunk_size, frame_sharing
     groups = -(-B // G)
     span = T + G - 1  # steps of one group's episode piece
-    static = torch.randint(0, 256, (groups, span, 3, 200, 200), dtype=torch.uint8, generator=g)
-    gripper = torch.randint(0, 256, (groups, span, 3, 84, 84), dtype=torch.uint8, generator=g)
-    arm = torch.randn(groups, span, 6, generator=g)
-    grip = F.one_hot(torch.randint(0, 2, (groups, span), generator=g), 2).float()
-    steps = torch.rand(groups, span + K - 1, 7, generator=g) * 2 - 1
-    steps[..., 6] = (steps[..., 6] > 0).float()
+    images = {key: torch.randint(0, 256, (groups, span, 3, size, size), dtype=torch.uint8, generator=g)
+              for key, size in CAMERA_SIZES.items()}  # static, then gripper
+    arm = torch.randn(groups, span, ARM_DIM, generator=g)
+    grip = F.one_hot(torch.randint(0, 2, (groups, span), generator=g), GRIPPER_STATE_CLASSES).float()
+    steps = torch.rand(groups, span + K - 1, ACTION_DIM, generator=g) * 2 - 1
+    steps[..., ARM_DIM] = (steps[..., ARM_DIM] > 0).float()
     windows = [(k, j) for k in range(groups) for j in range(G)][:B]
     frames = [slice(j, j + T) for _, j in windows]
     chunk = torch.arange(T)[:, None] + torch.arange(K)[None, :]  # (T, K) step offsets
-    batch = {"rgb_static": torch.stack([static[k, f] for (k, _), f in zip(windows, frames)]),
-             "rgb_gripper": torch.stack([gripper[k, f] for (k, _), f in zip(windows, frames)]),
+    batch = {**{key: torch.stack([x[k, f] for (k, _), f in zip(windows, frames)]) for key, x in images.items()},
              "inst_token": torch.randint(1, 49405, (1, 77), dtype=torch.int32, generator=g).expand(B, 77).clone(),
              "arm_state": torch.stack([arm[k, f] for (k, _), f in zip(windows, frames)]),
              "gripper_state": torch.stack([grip[k, f] for (k, _), f in zip(windows, frames)]),

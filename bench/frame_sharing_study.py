@@ -66,13 +66,14 @@ def score_validation(lmdb: str, ckpt: str) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from config import load_config
-    from data.lmdb_dataset import collate_batch, make_datasets
+    from data.batch_ring import collate_batch
+    from data.lmdb_dataset import make_datasets
     from data.preprocess import ImagePreprocessor
     from models.build import build_model
-    from training import compute_losses
+    from training.step import compute_losses
     cfg = load_config(CONFIG, [f"LMDB_path={lmdb}"])
     _, val = make_datasets(cfg)
-    encoders, gr1, _ = build_model(cfg, "cpu", weights=ckpt, for_eval=True)
+    encoders, gr1, _ = build_model(cfg, "cpu", weights=ckpt)
     gr1.eval()
     pre = ImagePreprocessor(cfg)
     totals: dict[str, float] = {}
@@ -93,7 +94,8 @@ def one_run(out: str, lmdb: str, sharing: int, seed: int, sequences: int, thread
             return json.load(f)
     os.makedirs(run_dir, exist_ok=True)
     from config import load_config
-    ckpt = os.path.join(run_dir, f"GR1_{load_config(CONFIG).num_epochs}.pth")
+    from models.files import checkpoint_path
+    ckpt = checkpoint_path(run_dir, load_config(CONFIG).num_epochs)
     print(f"{name}: training ...", flush=True)
     start = time.perf_counter()
     if not os.path.isfile(ckpt):

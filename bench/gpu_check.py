@@ -7,7 +7,8 @@ so that a report is written even where torch itself fails to import.
 Each step has a time budget (BUDGETS_S on a GPU, at most TOTAL_BUDGET_S together, counted from --started; DRY_BUDGETS_S
 in a dry run). A step that runs past its budget is stopped with its whole process group and reported as failed, with
 the rows it had finished; a step whose modules are missing is skipped, saying which. Exit code 0 when no step failed,
-1 when one did, 2 when the report is not valid (a step missing, a status without a reason).
+1 when one did, 2 when the report is not valid (a step missing, a status without a reason; a dry run also checks the
+report logic on made-up step endings, self_check).
 
 --out receives three files (what a device machine's $OUT brings back): report.json, report.md and steps.log (every
 step's output, one section each). Steps work in a scratch folder (converted LMDB, runs), removed at the end.
@@ -205,6 +206,29 @@ def validate(report: dict) -> list[str]:
     return problems
 
 
+def self_check() -> list[str]:
+    """The report logic on made-up step endings (a dry run runs it: tests/ do not import bench/): what it gets wrong."""
+    step, ok = STEPS[2], {"status": "ok", "reason": "", "rows": [{"batch": 8, "samples_per_s": 40.0}], "notes": []}
+    running = {"status": "running", "reason": "", "rows": [{"batch": 8}]}
+    cases = {"ok": (step_record(step, ok, 0, 1, 60), "ok"),
+             "stopped at its limit, rows kept": (step_record(step, running, None, 61, 60), "failed"),
+             "crashed while running": (step_record(step, running, 1, 2, 60, "RuntimeError: CUDA error"), "failed"),
+             "killed before writing": (step_record(step, None, -9, 2, 60), "failed"),
+             "said ok, exited 1": (step_record(step, ok, 1, 2, 60), "failed")}
+    wrong = [name for name, (record, status) in cases.items() if record["status"] != status or
+             (status == "failed" and not record["reason"])]
+    wrong += [] if cases["stopped at its limit, rows kept"][0]["rows"] == [{"batch": 8}] else ["rows of a stopped step"]
+    report = build_report([step_record(s, ok, 0, 1, 60) for s in STEPS], "dry-run", time.time(), [], [])
+    wrong += [f"a valid report: {p}" for p in validate(report)]
+    report["steps"] = report["steps"][1:] + [skipped_record(STEPS[1], "")]
+    found = validate(report)
+    wrong += [] if len(found) == 3 else [f"an invalid report gave {found}"]  # missing, repeated, no reason
+    data = step_record(STEPS[3], {**ok, "rows": [{"samples_per_s": 30.0}]}, 0, 1, 60)
+    if "may starve" not in findings([data if s.name == "data" else step_record(s, ok, 0, 1, 60) for s in STEPS])[0]:
+        wrong.append("the loader finding")
+    return [f"self-check: {name}" for name in wrong]
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -283,7 +307,7 @@ def main() -> int:
         else:
             shutil.rmtree(args.work, ignore_errors=True)
     report = build_report(records, "dry-run" if args.dry_run else "gpu", args.started, setup, sys.argv[1:])
-    problems = validate(report)
+    problems = validate(report) + (self_check() if args.dry_run else [])
     report["problems"] = problems
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -38,7 +38,7 @@ def _train_row(cfg, model, encoders, pre, optimizer, batch: int, rounds: int, co
 
     from bench import bench_train as bt
     from bench import real_reference as rr
-    from training import compute_losses
+    from training.step import compute_losses
     pair = [bt.synthetic_batch(cfg, batch, 100 + r, 1, device) for r in range(2)]  # two resident, as the prefetcher
     losses: list = []
     step = bt.step_fn(lambda b: compute_losses(model, encoders, pre, b, cfg, train=True), optimizer,
@@ -59,7 +59,7 @@ def _train(opts, result: StepResult, compiled: bool) -> None:
     from bench import bench_train as bt
     from config import load_config
     from data.preprocess import ImagePreprocessor
-    from training import make_optimizer
+    from training.step import make_optimizer
     device = step_device(opts)
     cfg = load_config(model_config(opts), ["mae_ckpt=", "clip_ckpt=", "clip_precision=auto", "dropout=0.0"])
     encoders, gr1 = bt.build_ours(cfg, device)

@@ -1,5 +1,6 @@
-"""How CALVIN data is laid out: the raw split folders, the LMDB key schema of GR1-Training, camera sizes,
-state/action layout, the gripper mapping and JPEG coding. LMDB values are (de)serialised by data/codec.py.
+"""How CALVIN data is laid out: the raw split folders, the LMDB key schema of GR1-Training, frame arrays and JPEG
+coding. LMDB values are (de)serialised by data/codec.py; camera names and sizes, state and action widths and the
+gripper mapping are facts.py's (shared with the model and evaluation), re-exported here for the data modules.
 
 Used by the converter (data/convert.py), the dataset (data/lmdb_dataset.py) and evaluation. Imports neither torch
 nor any CALVIN package.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+import facts
 from data.codec import dumps_value
 
 try:  # optional: libjpeg-turbo without Pillow's per-image overhead, same pixels, ~1.5x faster dataset items
@@ -36,15 +38,15 @@ JPEG_DECODER = "simplejpeg" if simplejpeg is not None else "Pillow"
 
 # ---------------------------------------------------------------- cameras, state and action layout
 
-CAMERA_SIZES = {"rgb_static": 200, "rgb_gripper": 84}  # square RGB images, pixels
+# Image key (rgb_static, rgb_gripper: in frame files, LMDB keys and batches) -> square image side in pixels
+CAMERA_SIZES = {facts.CAMERA_KEYS[cam]: size for cam, size in facts.CAMERA_SIZES.items()}
+ARM_DIM, ACTION_DIM = facts.ARM_DIM, facts.ACTION_DIM  # the data modules read the facts they need as cf.*
+ROBOT_OBS_DIM, SCENE_OBS_DIM = facts.ROBOT_OBS_DIM, facts.SCENE_OBS_DIM
+gripper_action_to_binary = facts.gripper_to_binary  # the action's -1 / +1 -> 0 / 1
+gripper_state_index = facts.gripper_state_index  # the robot state's -1 / +1 -> one-hot column
 JPEG_QUALITY = 75  # torchvision.io.encode_jpeg's default, which GR1-Training's converter used
-ARM_DIM = 6  # TCP position (3) + Euler angles (3)
-ACTION_DIM = 7  # arm (6) + gripper (1)
-ROBOT_OBS_DIM = 15
-SCENE_OBS_DIM = 24
 FRAME_ARRAYS = {  # npz key -> expected shape; the only arrays GR1 reads from a frame file
-    "rgb_static": (200, 200, 3),
-    "rgb_gripper": (84, 84, 3),
+    **{key: (size, size, 3) for key, size in CAMERA_SIZES.items()},
     "actions": (ACTION_DIM,),
     "rel_actions": (ACTION_DIM,),
     "robot_obs": (ROBOT_OBS_DIM,),
@@ -54,17 +56,6 @@ NUMERIC_ARRAYS = ("actions", "rel_actions", "robot_obs", "scene_obs")  # arrays 
 ACTION_KEYS = {"ee_rel_pose": "rel_action", "ee_abs_pose": "abs_action"}  # cfg.action_mode -> LMDB key prefix
 
 
-def gripper_action_to_binary(action: np.ndarray) -> np.ndarray:
-    """CALVIN gripper action -1 (close) / +1 (open) -> 0 / 1, computed in the input's dtype as (a + 1) / 2."""
-    return (action + 1) / 2
-
-
-def gripper_state_index(robot_obs_last: float) -> int:
-    """Column of the one-hot gripper state: 0 = closed (-1), 1 = open (+1), as int((g + 1) / 2) in float64."""
-    index = int((float(robot_obs_last) + 1.0) / 2.0)  # Faithful to GR1-Training: .long() truncates towards zero
-    if index not in (0, 1):
-        raise ValueError(f"gripper state {robot_obs_last!r} (robot_obs[-1]) is not -1 or +1")
-    return index
 
 
 # ---------------------------------------------------------------- raw CALVIN split
@@ -149,7 +140,7 @@ def load_frame(path: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- JPEG
 
 def encode_jpeg(image_hwc: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> JPEG bytes (quality 75, 4:2:0 like torchvision's encoder); deterministic."""
+    """(R, R, 3) uint8 camera image -> JPEG bytes (quality 75, 4:2:0 like torchvision's encoder); deterministic."""
     buffer = io.BytesIO()
     Image.fromarray(image_hwc, "RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()

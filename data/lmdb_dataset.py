@@ -5,173 +5,26 @@ actions; frames and actions outside the first step's segment are zero and masked
 LMDBDataset items for the same LMDB (fixture ../shared/fixtures/tiny_calvin_lmdb_items.pt), but each is read with
 one LMDB get per distinct value (the reference reads ~110 cur_episode values and every action up to K times), the
 segment of every step is looked up in an array built once, and values are parsed without torch and without running
-code from the LMDB (data/codec.py). A value that cannot be read is an error naming the LMDB and the key.
+code from the LMDB (data/lmdb_reader.py). A value that cannot be read is an error naming the LMDB and the key.
 
 Shape key: T window (seq_len), K action chunk (chunk_size), H/W camera pixels (200 static, 84 gripper).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import lmdb
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from config import Config, ConfigError, expand_path
+from config import Config
 from data import calvin_format as cf
-from data.codec import LMDBValueError, loads_value
+from data.batch_ring import BatchRing, WrittenBatch, batch_buffers
+from data.lmdb_reader import DatasetError, LMDBIndex, open_lmdb, read_index, read_value
 
 SHARES_PREVIOUS = "shares_previous"  # frame sharing's batch key: bool (B,), window b is the one after b - 1 in a group
-
-
-class DatasetError(ConfigError):
-    """The LMDB cannot give the requested split; the message says what to fix. (A ConfigError, so that entry points
-    report it in one line like any other setup mistake.)"""
-
-
-_ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}  # real path -> (pid that opened it, handle)
-
-
-def open_lmdb(path: str) -> lmdb.Environment:
-    """This process's read-only, lock-free handle of the LMDB at `path` (py-lmdb allows one per file and process;
-    lock-free works on read-only media and with any number of reader processes)."""
-    key = os.path.realpath(path)
-    pid, env = _ENVIRONMENTS.get(key, (None, None))
-    if pid == os.getpid():
-        return env
-    if env is not None:  # inherited through fork: release this process's copy, then open our own
-        env.close()
-    try:
-        env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False)
-    except lmdb.Error as e:  # not an LMDB, corrupt, unreadable
-        raise DatasetError(f"LMDB {path} cannot be opened ({_lmdb_reason(e)})") from None
-    _ENVIRONMENTS[key] = (os.getpid(), env)
-    return env
-
-
-def _lmdb_reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
-
-
-def read_value(txn: lmdb.Transaction, key: bytes, path: str, required: bool = True) -> object:
-    """The parsed value of `key`; errors (missing, corrupt, not GR1-Training's format) name the LMDB and the key."""
-    try:
-        data = txn.get(key)
-    except lmdb.Error as e:  # e.g. lmdb.CorruptedError
-        raise DatasetError(f"LMDB {path}, key {key.decode(errors='replace')}: {_lmdb_reason(e)}") from None
-    if data is None:
-        if required:
-            raise DatasetError(f"LMDB {path} has no key {key.decode(errors='replace')!r}: it is incomplete or not a "
-                               "GR1/CALVIN LMDB")
-        return None
-    return parse_value(data, key, path)
-
-
-def parse_value(data: bytes, key: bytes, path: str) -> object:
-    try:
-        return loads_value(data)
-    except LMDBValueError as e:
-        raise DatasetError(f"LMDB {path}, key {key.decode(errors='replace')}: unreadable value ({e})") from None
-
-
-@contextlib.contextmanager
-def reading(path: str) -> Iterator[lmdb.Environment]:
-    """A read-only handle for a short read: this process's cached one if open, else one closed afterwards (so that
-    a converter in this process can reopen the path for writing)."""
-    cached = _ENVIRONMENTS.get(os.path.realpath(path), (None,))[0] == os.getpid()
-    env = open_lmdb(path)
-    try:
-        yield env
-    finally:
-        if not cached:
-            close_lmdb(path)
-
-
-def close_lmdb(path: str) -> None:
-    """Close this process's handle of `path`, if any."""
-    _, env = _ENVIRONMENTS.pop(os.path.realpath(path), (None, None))
-    if env is not None:
-        env.close()
-
-
-@dataclass(frozen=True)
-class LMDBIndex:
-    """What a dataset needs to know about the whole LMDB, read once: the segment of every step and the splits."""
-
-    path: str
-    episode_of_step: np.ndarray  # int32 (N,): cur_episode_{s}
-    info: dict | None  # conversion_info written by this project's converter (None: GR1-Training's LMDB)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.episode_of_step)
-
-    @property
-    def validation_first_step(self) -> int | None:
-        """First step of CALVIN's validation split, if the converter recorded it."""
-        if self.info is None or "validation" not in self.info.get("splits", {}):
-            return None
-        return int(self.info["splits"]["validation"]["first_step"])
-
-
-def read_index(path: str) -> LMDBIndex:
-    path = expand_path(path)
-    if not os.path.isfile(os.path.join(path, "data.mdb")):
-        raise FileNotFoundError(f"LMDB_path {path!r} has no data.mdb: convert CALVIN first (python calvin2lmdb.py "
-                                f"--input_dir <task_ABC_D> --output_dir {path}) or set LMDB_path")
-    with reading(path) as env, env.begin() as txn:
-        info = _read_info(txn, path)
-        if info is not None and not info.get("complete"):
-            raise DatasetError(f"LMDB {path} is an unfinished conversion ({info.get('segments_done')} of "
-                               f"{info.get('num_segments')} segments): re-run the same calvin2lmdb.py command "
-                               "to finish it")
-        last = read_value(txn, cf.CUR_STEP_KEY, path, required=False)
-        if last is None:
-            raise DatasetError(f"LMDB {path} has no 'cur_step' key: it is empty or not a GR1/CALVIN LMDB")
-        if type(last) is not int or last < 0:
-            raise DatasetError(f"LMDB {path}, key cur_step: {last!r:.40} is not a step index")
-        episodes = _read_episode_ids(txn, last + 1, path)
-    return LMDBIndex(path, episodes, info)
-
-
-def _read_info(txn: lmdb.Transaction, path: str) -> dict | None:
-    try:
-        info = cf.loads_info(txn.get(cf.CONVERSION_INFO_KEY))
-    except (ValueError, lmdb.Error) as e:  # json.JSONDecodeError, UnicodeDecodeError, CorruptedError
-        raise DatasetError(f"LMDB {path}, key conversion_info: unreadable ({type(e).__name__})") from None
-    if info is not None and not isinstance(info, dict):
-        raise DatasetError(f"LMDB {path}, key conversion_info: not a JSON object")
-    return info
-
-
-def _read_episode_ids(txn: lmdb.Transaction, num_steps: int, path: str) -> np.ndarray:
-    """cur_episode_{s} for every step, by one ordered scan of the cur_episode_ keys."""
-    prefix = b"cur_episode_"
-    episodes = np.full(num_steps, -1, dtype=np.int32)
-    try:
-        cursor = txn.cursor()
-        if cursor.set_range(prefix):
-            for key, value in cursor:
-                if not key.startswith(prefix):
-                    break
-                step = int(key[len(prefix):]) if key[len(prefix):].isdigit() else num_steps
-                if step < num_steps:
-                    episode = parse_value(value, key, path)
-                    if type(episode) is not int or not 0 <= episode < 2**31:
-                        raise DatasetError(f"LMDB {path}, key {key.decode()}: {episode!r:.40} is not an episode index")
-                    episodes[step] = episode
-    except lmdb.Error as e:
-        raise DatasetError(f"LMDB {path}: cannot scan the cur_episode_ keys ({_lmdb_reason(e)})") from None
-    missing = np.flatnonzero(episodes < 0)
-    if len(missing):
-        raise DatasetError(f"LMDB {path}: key cur_episode_{missing[0]} is missing ({len(missing)} steps lack one); "
-                           "the LMDB is incomplete, convert again")
-    return episodes
 
 
 class LMDBDataset(Dataset):
@@ -200,18 +53,14 @@ class LMDBDataset(Dataset):
         self._txn: lmdb.Transaction | None = None
         self._pid = -1
         self._tokens: dict[int, np.ndarray] = {}
-        # Shared batch buffers a DataLoader worker cycles through (0: a new one per batch). Only safe where at most
-        # reuse_buffers - 2 batches of one worker are in flight and the consumer keeps at most 2 (make_loader).
-        self.reuse_buffers = 0
-        self._ring: list[dict[str, torch.Tensor]] = []
-        self._ring_pos, self._ring_pid = 0, -1
+        self.batch_ring: BatchRing | None = None  # set by make_loader: workers write batches into its buffers
         self.frame_groups: np.ndarray | None = None  # window_groups(g) with frame sharing (set by make_loader)
 
     def __len__(self) -> int:
         return self.num_items
 
-    def __getstate__(self) -> dict:  # DataLoader workers open their own LMDB handle and make their own buffers
-        return {**self.__dict__, "_env": None, "_txn": None, "_pid": -1, "_ring": [], "_ring_pid": -1}
+    def __getstate__(self) -> dict:  # DataLoader workers open their own LMDB handle
+        return {**self.__dict__, "_env": None, "_txn": None, "_pid": -1}
 
     def _get(self, key: bytes, shape: tuple[int | None, ...] | None = None) -> object:
         """The value of `key`; with `shape` (None: any size), a numeric array of that shape (anything else is an error
@@ -279,15 +128,15 @@ class LMDBDataset(Dataset):
             out[1:] = (idx[1:] == idx[:-1] + 1) & (groups[1:] == groups[:-1])
         return out
 
-    def __getitems__(self, indices: list[int]) -> CollatedBatch:
-        """The batch of `indices`, each item written straight into one buffer per entry (in shared memory inside a
-        DataLoader worker, so nothing is copied to send it): collate_batch passes it on as it is, while any other
-        collate function sees the list of items (views into the buffers) that DataLoader expects."""
-        in_worker = torch.utils.data.get_worker_info() is not None
-        if in_worker and self.reuse_buffers:
-            batch = self._next_shared_buffers(len(indices))
+    def __getitems__(self, indices: list[int]) -> WrittenBatch:
+        """The batch of `indices`, each item written straight into one buffer per entry: the batch_ring's next
+        buffer if set, else new memory (shared inside a DataLoader worker, so nothing is copied to send it).
+        collate_batch passes it on as it is; other collate functions see the sequence of items they expect."""
+        if self.batch_ring is not None:
+            batch, ticket = self.batch_ring.take(len(indices), self.item_shapes())
         else:
-            batch = self._new_batch_buffers(len(indices), in_worker)
+            in_worker = torch.utils.data.get_worker_info() is not None
+            batch, ticket = batch_buffers(len(indices), self.item_shapes(), shared=in_worker), None
         arrays = {k: v.numpy() for k, v in batch.items()}
         shares = self.shares_previous(indices)
         for row, idx in enumerate(indices):
@@ -299,24 +148,7 @@ class LMDBDataset(Dataset):
             self.fill(idx, {k: a[row] for k, a in arrays.items()}, known_frames=known)
         if SHARES_PREVIOUS in arrays:
             arrays[SHARES_PREVIOUS][...] = shares
-        return CollatedBatch(batch)
-
-    def _next_shared_buffers(self, n: int) -> dict[str, torch.Tensor]:
-        """The next of this worker's reuse_buffers shared batch buffers, as views of n rows. Allocating shared
-        memory costs more than filling it (its pages are faulted in anew each time): ~1.2 ms per sample."""
-        if self._ring_pid != os.getpid():
-            self._ring, self._ring_pos, self._ring_pid = [], 0, os.getpid()
-        slot = self._ring_pos % self.reuse_buffers
-        self._ring_pos += 1
-        if slot == len(self._ring):
-            self._ring.append({})
-        if not self._ring[slot] or len(self._ring[slot]["mask"]) < n:
-            self._ring[slot] = self._new_batch_buffers(n, shared=True)
-        return {k: v[:n] for k, v in self._ring[slot].items()}
-
-    def _new_batch_buffers(self, n: int, shared: bool) -> dict[str, torch.Tensor]:
-        """Uninitialised (n, ...) tensors, one per item entry."""
-        return {k: empty_tensor((n,) + tuple(shape), dtype, shared) for k, (shape, dtype) in self.item_shapes().items()}
+        return WrittenBatch(batch, ticket)
 
     def fill(self, idx: int, out: dict[str, np.ndarray], known_frames: int = 0) -> None:
         """Writes item `idx` into the arrays `out` (shapes and dtypes of item_shapes(); their contents are ignored,
@@ -361,33 +193,6 @@ class LMDBDataset(Dataset):
                 except ValueError as e:
                     raise DatasetError(f"LMDB {self.index.path}, key {key.decode()}: {e}") from None
         out["inst_token"][...] = self._inst_token(int(self.index.episode_of_step[step]))
-
-
-class CollatedBatch(list):
-    """What LMDBDataset.__getitems__ returns: the list of items DataLoader's collate functions expect (views into
-    the batch buffers), and the batch itself as `.batch` for collate_batch."""
-
-    def __init__(self, batch: dict[str, torch.Tensor]):
-        n = len(next(iter(batch.values())))
-        super().__init__({k: v[i] for k, v in batch.items()} for i in range(n))
-        self.batch = batch
-
-
-def collate_batch(data: list) -> dict[str, torch.Tensor]:
-    """DataLoader collate_fn: a CollatedBatch as it is (no copy), anything else by default_collate."""
-    if isinstance(data, CollatedBatch):
-        return data.batch
-    return torch.utils.data.default_collate(data)
-
-
-def empty_tensor(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, allocated directly in shared memory if `shared` (as default_collate does in workers:
-    a tensor sent from a worker is then passed by handle, without copying it)."""
-    dtype = torch.from_numpy(np.empty(0, dtype)).dtype
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
 def ratio_window_range(num_steps: int, start_ratio: float, end_ratio: float, seq_len: int, chunk_size: int

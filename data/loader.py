@@ -5,7 +5,11 @@ pure function of (seed, epoch, rank, world size) and a resumed run can start mid
 
 With frame_sharing = g > 1 the training sampler permutes groups of g consecutive windows of one segment instead of
 single windows (LMDBDataset.window_groups), and each batch says which of its windows continue the previous one's
-group (SHARES_PREVIOUS), so that the training step encodes each distinct frame of a group once (training.py).
+group (SHARES_PREVIOUS), so that the training step encodes each distinct frame of a group once (training/step.py).
+
+With workers, each worker writes its batches into the shared buffers of the loader's BatchRing (data/batch_ring.py),
+and the loader hands them out under the ring's rule: its consumer holds at most 2 batches (DevicePrefetcher's
+current and next), and a read of a batch whose buffer was given to another batch raises StaleBatchError.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import Config
-from data.lmdb_dataset import SHARES_PREVIOUS, collate_batch
+from data.batch_ring import BatchRing, collate_batch
+from data.lmdb_dataset import SHARES_PREVIOUS
 from processes import end_workers_at_exit, worker_init
 
 
@@ -74,38 +79,48 @@ class EpochSampler(Sampler[int]):
         return self.per_rank - self.start
 
 
-def reuse_worker_buffers(dataset: Dataset, prefetch_factor: int) -> None:
-    """Lets each DataLoader worker write its batches into a ring of shared buffers instead of new shared memory
-    (which costs more than decoding); to be iterated with collate_batch. A worker has at most prefetch_factor batches
-    in flight and the training loop holds at most 2 (DevicePrefetcher), so a buffer is rewritten only after its
-    batch has been used. Datasets without batch buffers are left as they are."""
-    if hasattr(dataset, "reuse_buffers"):
-        dataset.reuse_buffers = prefetch_factor + 2
+class BatchLoader:
+    """What make_loader returns: a DataLoader (its sampler, batch_size and drop_last are this loader's) whose workers
+    write batches into `ring`, iterated through the ring's rule (a consumer holds at most ring.held batches; see
+    data/batch_ring.py). Without workers there is no ring and batches are the DataLoader's."""
+
+    def __init__(self, loader: DataLoader, ring: BatchRing | None):
+        self.loader, self.ring = loader, ring
+        self.sampler, self.batch_size, self.drop_last = loader.sampler, loader.batch_size, loader.drop_last
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.loader) if self.ring is None else self.ring.hand_out(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def make_loader(dataset: Dataset, cfg: Config, rank: int, world: int, train: bool, pin_memory: bool,
-                seed_offset: int = 0) -> DataLoader:
-    """A DataLoader over this process's shard; training drops the last incomplete batch. Training batches come in
-    groups of cfg.frame_sharing consecutive windows when it is above 1 (validation batches never do)."""
+                seed_offset: int = 0) -> BatchLoader:
+    """A loader over this process's shard; training drops the last incomplete batch. Training batches come in
+    groups of cfg.frame_sharing consecutive windows when it is above 1 (validation batches never do). With workers,
+    a dataset that writes batches in place (LMDBDataset) gets a BatchRing of prefetch_factor + 2 buffers per worker."""
     groups = None
     if train and cfg.frame_sharing > 1:
         groups = dataset.window_groups(cfg.frame_sharing)
         dataset.frame_groups = groups  # batches then carry SHARES_PREVIOUS
     sampler = EpochSampler(len(dataset), cfg.seed + seed_offset, rank, world, shuffle=True, groups=groups)
     workers = cfg.workers_per_gpu
+    ring = None
     if workers > 0:
-        reuse_worker_buffers(dataset, cfg.prefetch_factor)
+        if hasattr(dataset, "batch_ring"):
+            ring = dataset.batch_ring = BatchRing(cfg.prefetch_factor)
         end_workers_at_exit()  # the workers leave SIGINT / SIGTERM to this process (processes.worker_init)
-    return DataLoader(
+    return BatchLoader(DataLoader(
         dataset, batch_size=cfg.bs_per_gpu, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         drop_last=train, prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=workers > 0, collate_fn=collate_batch,  # batches written in place, not stacked
         worker_init_fn=functools.partial(worker_init, os.getpid()),  # workers die with this process
         # The loader's own generator seeds the workers, so iterating never consumes the global RNG (augmentation).
-        generator=torch.Generator().manual_seed(cfg.seed + seed_offset))
+        generator=torch.Generator().manual_seed(cfg.seed + seed_offset)), ring)
 
 
-def batches_per_epoch(loader: DataLoader) -> int:
+def batches_per_epoch(loader: BatchLoader | DataLoader) -> int:
     sampler: EpochSampler = loader.sampler
     return sampler.per_rank // loader.batch_size if loader.drop_last else math.ceil(sampler.per_rank /
                                                                                    loader.batch_size)
@@ -122,7 +137,7 @@ class DevicePrefetcher:
     """Iterates a loader, moving each batch but HOST_KEYS to `device` and adding HOST_FRAME_MASK; on CUDA the next
     batch is copied on a side stream while the current one is used. On CPU it is a plain iterator."""
 
-    def __init__(self, loader: DataLoader, device: torch.device):
+    def __init__(self, loader: BatchLoader | DataLoader, device: torch.device):
         self.loader, self.device = loader, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 

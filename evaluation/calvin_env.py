@@ -40,11 +40,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from facts import CAMERAS
+
 logger = logging.getLogger(__name__)
 
-# Cameras GR1-Training's evaluation asks for (its `observation_space['rgb_obs']`); get_env keeps the cameras whose
-# name is the part after "rgb_"/"depth_" and drops the rest (the tactile camera, which would need tacto).
-CAMERAS = ("rgb_static", "rgb_gripper")
+# GR1-Training's evaluation asks for the cameras facts.CAMERA_KEYS (its `observation_space['rgb_obs']`); calvin_env's
+# rendering config names those cameras as facts.CAMERAS does ('static', 'gripper'). get_env keeps them and drops
+# the rest (the tactile camera, which would need tacto).
 # The rendering config shipped with this project (scene D, both cameras), used when no dataset folder is given.
 MINIMAL_CONFIG = Path(__file__).resolve().with_name("calvin_scene_D.yaml")
 # calvin_env's own task definitions (relative to its checkout), as CALVIN's evaluation instantiates them.
@@ -167,7 +169,7 @@ def _build_sim(render_config: Any) -> Any:
     show_gui=False)` builds it: only the requested cameras, no GUI, no VR, scene info on."""
     hydra_utils = _import("hydra.utils")
     _import("calvin_env.envs.play_table_env")  # the module hydra instantiates
-    kept = {name.split("_", 1)[1] for name in CAMERAS}
+    kept = set(CAMERAS)
     for name in [name for name in render_config.cameras if name not in kept]:
         del render_config.cameras[name]
     absent = kept - set(render_config.cameras)

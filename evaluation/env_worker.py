@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from facts import CAMERA_KEYS
 from processes import pool_worker_init
 
 _LENGTH = struct.Struct("!I")
@@ -97,7 +98,7 @@ class RemotePolicy:
 
     def step(self, obs: dict, instruction: str) -> dict[str, Any]:
         send_message(self.sock, {"type": "act", "instruction": instruction},
-                     [obs["rgb_obs"]["rgb_static"], obs["rgb_obs"]["rgb_gripper"], obs["robot_obs"]])
+                     [*(obs["rgb_obs"][key] for key in CAMERA_KEYS.values()), obs["robot_obs"]])
         header, arrays = recv_message(self.sock)
         if header["type"] == "error":
             raise RuntimeError(f"the policy raised in the main process:\n{header['error']}")

@@ -38,8 +38,8 @@ class EvalPolicy(Protocol):
         ...
 
     def step(self, obs: dict, instruction: str) -> dict[str, Any]:
-        """{'action': float (7,) np.ndarray} plus, when the policy records videos, 'rgb_static_pred' uint8 (H, W, 3)
-        and 'rgb_gripper_pred' uint8 (H, W, 3): its prediction of the frame skip_frame steps ahead."""
+        """{'action': float (7,) np.ndarray} plus, when the policy records videos, 'rgb_static_pred' uint8 (S, S, 3)
+        and 'rgb_gripper_pred' uint8 (S, S, 3): its prediction of the frame skip_frame steps ahead."""
         ...
 
 

@@ -16,7 +16,8 @@ and the pixel decoder runs only when videos are recorded. The uncached path reco
 evaluator does, one env at a time; both give the same actions (tested), and so do batched and per-env queries
 (within float rounding: a batched matrix product may round differently from a single row's, ~1e-7).
 
-Shape key: B envs in a query, T window (seq_len), K chunk, Q latents, D hidden, S image size.
+Shape letters (README "Architecture"): B envs in a query, T window (seq_len), K chunk, Q latents, D hidden,
+R camera image side, S network image side.
 """
 from __future__ import annotations
 
@@ -28,18 +29,19 @@ import numpy as np
 import torch
 
 from config import Config
+from facts import (
+    ARM_DIM,
+    CAMERA_KEYS,
+    CAMERAS,
+    GRIPPER_OPEN_THRESHOLD,
+    GRIPPER_STATE_CLASSES,
+    PREDICTION_KEYS,
+    binary_to_gripper,
+    gripper_to_binary,
+)
 from models.encoders import FrozenEncoders, tokenize
-from models.gr1 import CAMERAS, GR1, Keep
-
-RGB_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(N, P, p*p*3) -> (N, 3, S, S): the inverse of models.losses.patchify."""
-    N, P, _ = patches.shape
-    g, p = int(round(P ** 0.5)), patch_size
-    x = patches.reshape(N, g, g, p, p, 3)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(N, 3, g * p, g * p)
+from models.gr1 import GR1, Keep
+from models.losses import unpatchify
 
 
 @dataclass
@@ -47,7 +49,7 @@ class EnvHistory:
     """What the policy remembers about one env since its last reset (the last T frames)."""
 
     T: int
-    frames: dict[str, deque] = field(default_factory=dict)  # uint8 (3, H, W) per frame (uncached path only)
+    frames: dict[str, deque] = field(default_factory=dict)  # uint8 (3, R, R) per frame (uncached path only)
     frame_tokens: dict[str, deque] = field(default_factory=dict)  # (Q+1, D) per frame (cached path)
     states: deque = field(default_factory=deque)  # (7,): arm 6 + gripper +-1
     queue: deque = field(default_factory=deque)  # actions (7,) still to execute
@@ -65,13 +67,14 @@ class GR1BatchPolicy:
     def __init__(self, cfg: Config, encoders: FrozenEncoders, gr1: GR1, preprocessor, device: torch.device,
                  use_cache: bool = True, record_video: bool = False):
         self.cfg, self.encoders, self.gr1, self.pre, self.device = cfg, encoders, gr1, preprocessor, device
+        self.T = gr1.config.seq_len  # the window the model was built for
         self.use_cache, self.record_video = use_cache, record_video
         self._tokens: dict[str, torch.Tensor] = {}
         self.envs: dict[int, EnvHistory] = {}
 
     def reset(self, env_id: int) -> None:
         """Forget env_id's history (the start of a subtask)."""
-        self.envs[env_id] = EnvHistory(self.cfg.seq_len)
+        self.envs[env_id] = EnvHistory(self.T)
 
     @torch.no_grad()
     def act(self, requests: dict[int, tuple[dict, str]]) -> dict[int, dict[str, Any]]:
@@ -96,19 +99,19 @@ class GR1BatchPolicy:
     def _observe(self, env: EnvHistory, obs: dict) -> None:
         if not self.use_cache:
             for cam in CAMERAS:
-                image = np.ascontiguousarray(obs["rgb_obs"][RGB_KEYS[cam]])  # (H, W, 3) uint8
+                image = np.ascontiguousarray(obs["rgb_obs"][CAMERA_KEYS[cam]])  # (R, R, 3) uint8
                 env.frames[cam].append(torch.from_numpy(image).permute(2, 0, 1))
         robot = np.asarray(obs["robot_obs"], dtype=np.float64)
-        env.states.append(torch.from_numpy(np.concatenate([robot[:6], robot[-1:]])).float())
+        env.states.append(torch.from_numpy(np.concatenate([robot[:ARM_DIM], robot[-1:]])).float())  # arm, gripper
 
     def _encode_newest_frames(self, ids: list[int], observations: list[dict]) -> None:
         """MAE + resampler + token embedding of the newest frame of each camera of every env in `ids`, in one batch;
         each env keeps its tokens for its next T steps."""
-        images = []
-        for cam in CAMERAS:
-            stack = np.stack([obs["rgb_obs"][RGB_KEYS[cam]] for obs in observations])  # (B, H, W, 3) uint8
-            images.append(torch.from_numpy(stack).permute(0, 3, 1, 2)[:, None].to(self.device))  # (B, 1, 3, H, W)
-        processed = dict(zip(CAMERAS, self.pre.process(*images, train=False)))  # (B, 1, 3, S, S)
+        images = {}
+        for key in CAMERA_KEYS.values():
+            stack = np.stack([obs["rgb_obs"][key] for obs in observations])  # (B, R, R, 3) uint8
+            images[key] = torch.from_numpy(stack).permute(0, 3, 1, 2)[:, None].to(self.device)  # (B, 1, 3, R, R)
+        processed = self.pre.cameras(images, train=False)  # (B, 1, 3, S, S) per camera
         for cam, (cls, patches) in self.encoders.encode_frames(processed).items():
             tokens = self.gr1.frame_tokens(cls[:, 0], patches[:, 0], cam)  # (B, Q+1, D)
             for b, i in enumerate(ids):
@@ -125,14 +128,14 @@ class GR1BatchPolicy:
 
     def _state_tensors(self, env: EnvHistory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zero-padded (T, 6) arm state, (T, 2) one-hot gripper state, (T,) attention mask of one env."""
-        T, n = self.cfg.seq_len, len(env.states)
+        T, n = self.T, len(env.states)
         states = torch.stack(list(env.states))  # (n, 7)
-        arm = torch.zeros(T, 6)
-        arm[:n] = states[:, :6]
+        arm = torch.zeros(T, ARM_DIM)
+        arm[:n] = states[:, :ARM_DIM]
         # Faithful to GR1-Training's evaluator: padded steps get gripper -1, i.e. one-hot [1, 0] (invisible anyway)
         gripper = -torch.ones(T)
-        gripper[:n] = states[:, 6]
-        one_hot = torch.nn.functional.one_hot(((gripper + 1) / 2).long(), 2).float()
+        gripper[:n] = states[:, ARM_DIM]
+        one_hot = torch.nn.functional.one_hot(gripper_to_binary(gripper).long(), GRIPPER_STATE_CLASSES).float()
         mask = torch.zeros(T, dtype=torch.long)
         mask[:n] = 1
         return arm, one_hot, mask
@@ -145,7 +148,7 @@ class GR1BatchPolicy:
     # ---- model queries ----
     def _query_cached(self, envs: list[EnvHistory], lang: torch.Tensor) -> dict[str, torch.Tensor]:
         """One GPT-2 pass over all envs, each at its own last valid step."""
-        T = self.cfg.seq_len
+        T = self.T
         frames = {}
         for cam in CAMERAS:
             rows = []
@@ -161,12 +164,13 @@ class GR1BatchPolicy:
     def _query_uncached(self, env: EnvHistory, lang: torch.Tensor) -> dict[str, torch.Tensor]:
         """GR1-Training's evaluator for one env: every frame of both cameras (zero-padded to T) re-encoded,
         everything decoded."""
-        T, n = self.cfg.seq_len, len(env.states)
+        T, n = self.T, len(env.states)
         padded = {}
         for cam in CAMERAS:
-            stack = torch.stack(list(env.frames[cam]))  # (n, 3, H, W)
-            padded[cam] = torch.cat((stack, stack.new_zeros((T - n,) + stack.shape[1:])))[None].to(self.device)
-        images = dict(zip(CAMERAS, self.pre.process(padded["static"], padded["gripper"], train=False)))
+            stack = torch.stack(list(env.frames[cam]))  # (n, 3, R, R)
+            stack = torch.cat((stack, stack.new_zeros((T - n,) + stack.shape[1:])))  # (T, 3, R, R)
+            padded[CAMERA_KEYS[cam]] = stack[None].to(self.device)
+        images = self.pre.cameras(padded, train=False)
         arm, gripper, mask = self._batch_states([env])
         out = self.gr1(lang, arm, gripper, self.encoders.encode_frames(images), mask)
         last = [n - 1]
@@ -184,7 +188,8 @@ class GR1BatchPolicy:
         k = self.cfg.test_chunk_size
         arm_act = out["arm_action"][:, 0, :k].float()  # (B, k, 6)
         # Faithful to GR1-Training: open (+1) iff sigmoid(logit) > 0.5, else close (-1)
-        grip_act = torch.where(torch.sigmoid(out["gripper_action"][:, 0, :k].float()) > 0.5, 1.0, -1.0)
+        opens = torch.sigmoid(out["gripper_action"][:, 0, :k].float()) > GRIPPER_OPEN_THRESHOLD
+        grip_act = binary_to_gripper(opens.float())  # (B, k, 1)
         actions = torch.cat((arm_act, grip_act), dim=-1).cpu().numpy().astype(np.float64)  # (B, k, 7)
         for b, env in enumerate(envs):
             env.queue.extend(actions[b])
@@ -193,10 +198,10 @@ class GR1BatchPolicy:
 
     def _video_frames(self, out: dict[str, torch.Tensor], b: int) -> dict[str, np.ndarray]:
         frames = {}
-        for cam in CAMERAS:
-            image = unpatchify(out[f"rgb_{cam}_pred"][b].float(), self.cfg.patch_size)  # (1, 3, S, S)
+        for key in PREDICTION_KEYS.values():
+            image = unpatchify(out[key][b].float(), self.gr1.config.patch_size)  # (1, 3, S, S)
             pixels = self.pre.to_pixels(image)[0]  # [0, 255]
-            frames[f"rgb_{cam}_pred"] = pixels.permute(1, 2, 0).round().byte().cpu().numpy()
+            frames[key] = pixels.permute(1, 2, 0).round().byte().cpu().numpy()
         return frames
 
 

@@ -36,13 +36,13 @@ from evaluation.backends import EnvSpec
 from evaluation.env_worker import recv_message, send_message, sequence_message
 from evaluation.interfaces import BatchPolicy
 from evaluation.protocol import EvalSequence, RunStats, SequenceResult
+from facts import CAMERA_KEYS, PREDICTION_KEYS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_TIMEOUT_S = 600.0  # a worker silent this long while running a sequence is taken for hung and restarted
 LOG_TAIL_LINES = 15
 STOP_GRACE_S = 5.0  # time a worker gets to exit (calvin_env disconnects) before it is killed
 EMA = 0.1  # weight of the newest sample in the running averages of env step and query times
-PREDICTED_FRAMES = ("rgb_static_pred", "rgb_gripper_pred")
 
 
 class EvalWorkerError(RuntimeError):
@@ -85,7 +85,6 @@ class EnvPool:
         self.selector = selectors.DefaultSelector()
         self.workers: list[_Worker] = []
         self.renderers: list[str] = []  # OpenGL renderer of each worker's env ('' when not known)
-        self.restarts = 0
         self._queue: deque[EvalSequence] = deque()
         self._step_seconds = self._query_seconds = 0.0  # running averages (batching, see evaluate)
         self._deadline = 0.0  # serve the waiting requests by then
@@ -216,7 +215,7 @@ class EnvPool:
         worker.heard = time.monotonic()
         kind = header["type"]
         if kind == "act":
-            obs = {"rgb_obs": {"rgb_static": arrays[0], "rgb_gripper": arrays[1]}, "robot_obs": arrays[2]}
+            obs = {"rgb_obs": dict(zip(CAMERA_KEYS.values(), arrays)), "robot_obs": arrays[len(CAMERA_KEYS)]}
             if not requests:
                 patience = self._step_seconds if self.policy_on_cpu else min(self._step_seconds, self._query_seconds)
                 self._deadline = worker.heard + patience
@@ -240,7 +239,7 @@ class EnvPool:
             outputs = self.policy.act(requests)
             replies = {}
             for slot, out in outputs.items():
-                frames = [k for k in PREDICTED_FRAMES if k in out]
+                frames = [k for k in PREDICTION_KEYS.values() if k in out]
                 replies[slot] = ({"type": "action", "frames": frames},
                                  [np.asarray(out["action"], np.float64)] + [np.asarray(out[k]) for k in frames])
         except Exception:
@@ -276,7 +275,6 @@ class EnvPool:
                          f"Its log ends with:\n{_log_tail(worker.log_path)}")
             results.append(res)
         self._stop(worker)
-        self.restarts += 1
         new = self._launch(worker.slot)
         self.workers[worker.slot] = new
         self._wait_ready(new)

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from config import ConfigError
 from evaluation.interfaces import EvalEnv, EvalPolicy, TaskOracle
+from facts import CAMERA_KEYS, CAMERAS, CHAIN_LENGTH, PREDICTION_KEYS
 
-CHAIN = 5
 PARTIAL_FILE = "sequences_rank{rank}.jsonl"
 _PARTIAL_NAME = re.compile(r"^sequences_rank(\d+)\.jsonl$")
 
@@ -136,7 +136,7 @@ def evaluate_sequence(env: EvalEnv, oracle: TaskOracle, policy: EvalPolicy, seq:
 def count_success(results: Sequence[int]) -> list[float]:
     """SR_i for i = 1..5: the share of sequences with at least i consecutive successes."""
     n = max(1, len(results))
-    return [sum(r >= i for r in results) / n for i in range(1, CHAIN + 1)]
+    return [sum(r >= i for r in results) / n for i in range(1, CHAIN_LENGTH + 1)]
 
 
 def task_info(results: Sequence[SequenceResult]) -> dict[str, dict[str, int]]:
@@ -269,7 +269,7 @@ def check_resume(out_dir: str, identity: dict[str, Any]) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    rates = " ".join(f"{k}/5: {v * 100:.1f}%" for k, v in summary["chain_sr"].items())
+    rates = " ".join(f"{k}/{CHAIN_LENGTH}: {v * 100:.1f}%" for k, v in summary["chain_sr"].items())
     text = (f"average successful sequence length {summary['avg_seq_len']:.3f} over {summary['num_sequences']} "
             f"sequences; chain success {rates}" + (f"; {summary['errors']} sequences raised errors"
                                                    if summary["errors"] else ""))
@@ -294,9 +294,9 @@ def _fit(image: np.ndarray, size: int) -> np.ndarray:
 def video_frame(obs: dict, output: dict, size: int = 200) -> np.ndarray:
     """Real static | predicted static | real gripper | predicted gripper (predictions black when absent)."""
     tiles = []
-    for cam in ("static", "gripper"):
-        tiles.append(_fit(obs["rgb_obs"][f"rgb_{cam}"], size))
-        pred = output.get(f"rgb_{cam}_pred")
+    for cam in CAMERAS:
+        tiles.append(_fit(obs["rgb_obs"][CAMERA_KEYS[cam]], size))
+        pred = output.get(PREDICTION_KEYS[cam])
         tiles.append(_fit(pred, size) if pred is not None else np.zeros((size, size, 3), np.uint8))
     return np.concatenate(tiles, axis=1)
 

@@ -27,8 +27,7 @@ from evaluation.interfaces import BatchPolicy
 from evaluation.pool import EnvPool, EvalWorkerError, available_cores
 from evaluation.protocol import check_resume, format_summary, run_sharded
 
-POLICIES = ("gr1", *WORKER_POLICIES)
-__all__ = ["POLICIES", "EvalWorkerError", "ExpertPolicy", "ZeroPolicy", "evaluate", "evaluate_during_training",
+__all__ = ["EvalWorkerError", "ExpertPolicy", "ZeroPolicy", "evaluate", "evaluate_during_training",
            "make_policy", "run_identity"]
 
 

@@ -22,10 +22,11 @@ j = random_interval(i) for i = 33 .. 1 (masked rejection sampling, one 32-bit ou
 `randint(0, [34, 33, .., 2] * k)` consumes the stream exactly like k successive choices. Draws are therefore made in
 batches of thousands; only the first five entries of each permutation are traced through its swaps, one position at
 a time, and a draw is dropped as soon as its chain breaks (a transition table over all reachable symbolic states
-replaces the rule matching). Draws past the last needed chain are harmless: the next condition reseeds. Conditions
-run in threads (numpy releases the GIL while drawing), and each condition's chains are cached and extended on
-demand, so get_sequences for another num_sequences reuses them. This module uses its own RandomState objects and
-never touches numpy's global RNG.
+replaces the rule matching). Draws past the last needed chain are harmless: the next condition reseeds. This takes
+about 10 s for the 1000 official sequences on one core; CALVIN's own loop, one np.random.choice and one rule check per
+draw, costs about 60 us per draw here and needs about 7 million draws: about 8 minutes. The list of the last few
+num_sequences asked for is kept in the process. This module uses its own RandomState objects and never touches
+numpy's global RNG.
 
 Initial state. robot_obs is a fixed pose. scene_obs sets the slider, drawer, switch, lights and blocks from the
 condition; a RandomState seeded with FNV-1 32 of `str(condition.values())` orders the two table slots and draws
@@ -35,10 +36,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-CHAIN_LENGTH = 5
+from facts import CHAIN_LENGTH
+
 NUM_OFFICIAL_SEQUENCES = 1000
 SHUFFLE_SEED = 0  # CALVIN's temp_seed(0) around np.random.shuffle
 VALIDATION_INSTRUCTIONS_PATH = Path(__file__).resolve().parent / "data" / "new_playtable_validation.yaml"
@@ -260,7 +259,6 @@ def _transition_table() -> _TransitionTable:
 _SWAP_POSITIONS = np.arange(len(TASK_NAMES) - 1, 0, -1)  # i, in draw order
 _MIN_BATCH = 4096  # draws per batch at least; a condition needs 1,000 to 20,000 draws per valid chain
 _MAX_BATCH = 1 << 16  # bounds the memory a batch takes (about 17 MB per array)
-_MAX_THREADS = 8
 # Every condition finds a valid chain within about 20,000 draws; a hundred times that without one means broken rules.
 _MAX_DRAWS_PER_CHAIN = 2_000_000
 
@@ -315,38 +313,24 @@ def _valid_draws(start_id: int, swaps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return draws, np.stack(chain, axis=1)
 
 
-class _ConditionSampler:
-    """CALVIN's rejection sampling for one condition, resumable: chains(k) returns the first k valid chains (task
-    indices) and draws further only when more are asked for than were found so far (the first k do not depend on
-    how many are asked for, so get_sequences for any num_sequences shares them)."""
-
-    def __init__(self, condition_index: int):
-        self._index = condition_index
-        self._rng = np.random.RandomState(condition_index)  # CALVIN: np.random.seed(i) in condition i's worker
-        self._start_id = int(_transition_table().condition_ids[condition_index])
-        self._found: list[tuple[int, ...]] = []
-        self._num_drawn = 0
-        self._lock = threading.Lock()
-
-    def chains(self, count: int) -> list[tuple[int, ...]]:
-        with self._lock:
-            batch = _MIN_BATCH
-            while len(self._found) < count:
-                _, chains = _valid_draws(self._start_id, _draw_swaps(self._rng, batch))
-                self._found.extend(tuple(int(t) for t in chain) for chain in chains)
-                self._num_drawn += batch
-                if self._num_drawn > _MAX_DRAWS_PER_CHAIN * (len(self._found) + 1):
-                    raise RuntimeError(f"condition {self._index}: {self._num_drawn} draws gave only "
-                                       f"{len(self._found)} valid chains (broken rules or sampler)")
-                # Size the next batch for the chains still missing at the rate seen so far, with a margin.
-                rate = (len(self._found) + 1) / self._num_drawn
-                batch = int(np.clip(0.5 * (count - len(self._found)) / rate, _MIN_BATCH, _MAX_BATCH))
-            return self._found[:count]
-
-
-@functools.cache
-def _sampler(condition_index: int) -> _ConditionSampler:
-    return _ConditionSampler(condition_index)
+def _condition_chains(condition_index: int, count: int) -> list[tuple[int, ...]]:
+    """CALVIN's rejection sampling for one condition: its first `count` valid chains (task indices) under
+    np.random.seed(condition_index), drawn in batches (the first k chains do not depend on how many are asked for)."""
+    rng = np.random.RandomState(condition_index)  # CALVIN: np.random.seed(i) in condition i's worker
+    start_id = int(_transition_table().condition_ids[condition_index])
+    found: list[tuple[int, ...]] = []
+    drawn, batch = 0, _MIN_BATCH
+    while len(found) < count:
+        _, chains = _valid_draws(start_id, _draw_swaps(rng, batch))
+        found.extend(tuple(int(t) for t in chain) for chain in chains)
+        drawn += batch
+        if drawn > _MAX_DRAWS_PER_CHAIN * (len(found) + 1):
+            raise RuntimeError(f"condition {condition_index}: {drawn} draws gave only {len(found)} valid chains "
+                               "(broken rules or sampler)")
+        # Size the next batch for the chains still missing at the rate seen so far, with a margin.
+        rate = (len(found) + 1) / drawn
+        batch = int(np.clip(0.5 * (count - len(found)) / rate, _MIN_BATCH, _MAX_BATCH))
+    return found[:count]
 
 
 def chains_per_condition(num_sequences: int) -> list[int]:
@@ -359,10 +343,7 @@ def chains_per_condition(num_sequences: int) -> list[int]:
 def _sequence_order(num_sequences: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
     """(condition index, chain) for each evaluation sequence, in CALVIN's final (shuffled) order."""
     counts = chains_per_condition(num_sequences)
-    # Conditions are independent (each has its own RNG) and numpy releases the GIL while drawing, so threads help.
-    with ThreadPoolExecutor(max_workers=min(_MAX_THREADS, os.cpu_count() or 1)) as pool:
-        per_condition = list(pool.map(lambda index: _sampler(index).chains(counts[index]), range(len(counts))))
-    unshuffled = [(index, chain) for index, chains in enumerate(per_condition) for chain in chains]
+    unshuffled = [(index, chain) for index, count in enumerate(counts) for chain in _condition_chains(index, count)]
     # np.random.shuffle of a list and of arange(n) make the same swaps, so permutation(n) gives the new order.
     order = np.random.RandomState(SHUFFLE_SEED).permutation(len(unshuffled))
     return tuple(unshuffled[i] for i in order)

@@ -2,19 +2,22 @@
 
 - :class:`MAEEncoder`: ViT-B/16 with the MAE / timm parameter names; returns the final-normed cls token and patch
   tokens of each image (the reference's ``vit_base(patch_size=16, num_classes=0)``).
-- :class:`CLIPTextEncoder`: OpenAI CLIP's text tower with CLIP's parameter names (the visual tower, which GR-1 never
-  uses, is not built).
+- :class:`CLIPTextEncoder`: OpenAI CLIP's text tower, built here (models/layers.py CLIPTransformer) with CLIP's
+  parameter names, so OpenAI's weights load strictly (the visual tower, which GR-1 never uses, is not built).
 - :func:`tokenize`: OpenAI CLIP's BPE tokenizer (vocabulary shipped with the openai-clip package, works offline).
 - :class:`FrozenEncoders`: both encoders, always in eval mode, never trained, outside the trainable checkpoint.
 
-openai-clip's package ``__init__`` imports torchvision and pkg_resources although its model and tokenizer modules
-need neither, so those two modules are loaded from the installed package directly (see _clip_module).
+openai-clip is used for its tokenizer only. Its package ``__init__`` imports torchvision and pkg_resources, which the
+tokenizer does not need, so the tokenizer's module (``clip/simple_tokenizer.py``) is loaded from the installed package
+by path (see _clip_tokenizer_module); tests/test_encoders.py checks that it still gives CLIP's token ids.
 
-Shape key: B batch, N images, P patches, D width, L context length (77).
+Shape letters (README "Architecture"): B batch, N images, S image side, P patches, F MAE width, E CLIP embedding,
+W CLIP text width, L context length (77).
 """
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -24,25 +27,39 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from models.layers import Block
+from models.layers import Block, CLIPTransformer, FP32LayerNorm
 
 CONTEXT_LENGTH = 77
 CLIP_VOCAB_SIZE = 49408
 
 
-def _clip_module(name: str) -> ModuleType:
-    """Load ``clip.<name>`` from the openai-clip package without running the package's __init__."""
-    alias = f"_gr1_openai_clip_{name}"
+def clip_version() -> str:
+    """The installed openai-clip's version (for error messages)."""
+    try:
+        return importlib.metadata.version("openai-clip")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _clip_tokenizer_module() -> ModuleType:
+    """``clip.simple_tokenizer`` from the openai-clip package, without running the package's __init__."""
+    alias = "_gr1_openai_clip_simple_tokenizer"
     if alias in sys.modules:
         return sys.modules[alias]
     spec = importlib.util.find_spec("clip")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("openai-clip is not installed: pip install -r requirements.txt")
-    path = os.path.join(list(spec.submodule_search_locations)[0], f"{name}.py")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "simple_tokenizer.py")
+    if not os.path.isfile(path):
+        raise ImportError(f"openai-clip {clip_version()} has no clip/simple_tokenizer.py (the tokenizer moved): "
+                          "install the version in requirements.txt")
     module_spec = importlib.util.spec_from_file_location(alias, path)
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[alias] = module
     module_spec.loader.exec_module(module)
+    if not hasattr(module, "SimpleTokenizer"):
+        raise ImportError(f"openai-clip {clip_version()}: clip/simple_tokenizer.py has no SimpleTokenizer: install "
+                          "the version in requirements.txt")
+    sys.modules[alias] = module
     return module
 
 
@@ -53,7 +70,7 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -
     """CLIP token ids, int32 (N, L): <start>, BPE tokens, <end>, zero padding. Equal to clip.tokenize."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        _TOKENIZER = _clip_module("simple_tokenizer").SimpleTokenizer()
+        _TOKENIZER = _clip_tokenizer_module().SimpleTokenizer()
     texts = [texts] if isinstance(texts, str) else list(texts)
     sot, eot = _TOKENIZER.encoder["<|startoftext|>"], _TOKENIZER.encoder["<|endoftext|>"]
     result = torch.zeros(len(texts), context_length, dtype=torch.int32)
@@ -66,7 +83,7 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -
 
 
 class MAEEncoder(nn.Module):
-    """ViT image encoder: (N, 3, S, S) -> normed cls (N, D) and normed patch tokens (N, P, D)."""
+    """ViT image encoder: (N, 3, S, S) -> normed cls (N, F) and normed patch tokens (N, P, F)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12):
@@ -82,11 +99,11 @@ class MAEEncoder(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (N, P, D)
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (N, P, F)
         if x.shape[1] + 1 != self.pos_embed.shape[1]:
             raise ValueError(f"MAE expects {self.pos_embed.shape[1] - 1} patches per image, got {x.shape[1]}: "
                              "rgb_shape must match the MAE checkpoint's image size")
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed  # (N, 1 + P, D)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed  # (N, 1 + P, F)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
@@ -94,17 +111,18 @@ class MAEEncoder(nn.Module):
 
 
 class CLIPTextEncoder(nn.Module):
-    """OpenAI CLIP text tower: token ids (B, L) -> text embedding (B, E) at each sequence's end token."""
+    """OpenAI CLIP text tower: token ids (B, L) -> text embedding (B, E) at each sequence's end token.
+
+    Modules are created in the order of CLIP's model.CLIP (transformer, token embedding, positional embedding,
+    ln_final, text projection), so a seeded random init is the one CLIP's classes give (tests/test_encoders.py)."""
 
     def __init__(self, embed_dim: int = 512, width: int = 512, layers: int = 12, heads: int = 8,
                  context_length: int = CONTEXT_LENGTH, vocab_size: int = CLIP_VOCAB_SIZE):
         super().__init__()
-        clip_model = _clip_module("model")
-        causal = torch.full((context_length, context_length), float("-inf")).triu_(1)
-        self.transformer = clip_model.Transformer(width=width, layers=layers, heads=heads, attn_mask=causal)
+        self.transformer = CLIPTransformer(width, layers, heads)
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.ln_final = clip_model.LayerNorm(width)
+        self.ln_final = FP32LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -163,11 +181,6 @@ class FrozenEncoders(nn.Module):
                     module.to(dtype)
             self._cast_mae = {key: cast}
         return self._cast_mae[key]
-
-    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, S, S) normalised images -> cls (N, D), patches (N, P, D)."""
-        cls, patches = self.encode_frames({"images": images[:, None]})["images"]
-        return cls[:, 0], patches[:, 0]
 
     def encode_frames(self, images: dict[str, torch.Tensor], frame_mask: torch.Tensor | None = None
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

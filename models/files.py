@@ -95,6 +95,12 @@ def load_file(path: str, kind: str = "checkpoint") -> Any:
         raise CheckpointError(f"cannot load {path}: {_reason(e)}") from None
 
 
+def checkpoint_path(save_path: str, epoch: int) -> str:
+    """save_path/GR1_<epoch>.pth: where training saves the checkpoint of `epoch` (GR1-Training's file name), and
+    where load_epoch and evaluation look for it."""
+    return os.path.join(save_path, f"GR1_{epoch}.pth")
+
+
 # ---------------------------------------------------------------- TorchScript archives, read as data
 
 _STORAGE_TYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,

@@ -14,8 +14,8 @@ Because nothing attends to a query and padded observation tokens are invisible, 
 can be left out of the GPT-2 input without changing any other output, provided every kept token keeps its position
 id: :meth:`GR1.forward` takes ``keep`` (which queries to run) for that.
 
-Shape key: B batch, T window (seq_len), K action chunk, Q resampler latents, P patches per image, D hidden (embed_dim),
-F MAE width, E CLIP embedding, S tokens per timestep, C p*p*3 pixels per patch.
+Shape letters (README "Architecture"): B batch, T window (seq_len), K action chunk, Q resampler latents, P patches per
+image, D hidden (embed_dim), F MAE width, E CLIP embedding, M tokens per timestep, C p*p*3 pixels per patch.
 """
 from __future__ import annotations
 
@@ -25,42 +25,11 @@ import torch
 import transformers
 from torch import nn
 
-from config import Config
+from config import ModelConfig
+from facts import CAMERAS, GRIPPER_STATE_CLASSES, PREDICTION_KEYS, TokenLayout
 from models.layers import Block, PerceiverResampler, sincos_pos_embed_2d
 
-CAMERAS = ("static", "gripper")
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Named slices of one timestep's token block (computed once; see the module docstring)."""
-
-    n_latents: int  # Q
-    chunk_size: int  # K
-
-    @property
-    def frame(self) -> int:  # tokens of one camera frame: Q patch latents + cls
-        return self.n_latents + 1
-
-    @property
-    def n_obs(self) -> int:  # lang + state + 2 camera frames
-        return 2 + 2 * self.frame
-
-    @property
-    def per_step(self) -> int:  # S
-        return self.n_obs + self.chunk_size + 2 * self.frame
-
-    def camera(self, cam: str) -> slice:
-        start = 2 + CAMERAS.index(cam) * self.frame
-        return slice(start, start + self.frame)
-
-    @property
-    def action_queries(self) -> slice:
-        return slice(self.n_obs, self.n_obs + self.chunk_size)
-
-    def obs_queries(self, cam: str) -> slice:
-        start = self.n_obs + self.chunk_size + CAMERAS.index(cam) * self.frame
-        return slice(start, start + self.frame)
+__all__ = ["CAMERAS", "GR1", "Keep", "TokenLayout"]
 
 
 @dataclass
@@ -79,7 +48,7 @@ class Keep:
     per_row: bool = False
 
 
-def _gpt2_config(cfg: Config) -> transformers.GPT2Config:
+def _gpt2_config(cfg: ModelConfig) -> transformers.GPT2Config:
     return transformers.GPT2Config(
         vocab_size=1, bos_token_id=None, eos_token_id=None,  # wte is never used: GR-1 passes inputs_embeds
         n_embd=cfg.embed_dim, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=4 * cfg.embed_dim,
@@ -91,12 +60,11 @@ def _gpt2_config(cfg: Config) -> transformers.GPT2Config:
 
 
 class GR1(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, F, Q = cfg.embed_dim, cfg.img_feat_dim, cfg.resampler_num_latents
-        self.cfg = cfg
-        self.layout = TokenLayout(Q, cfg.chunk_size)
-        self.grid = cfg.rgb_shape // cfg.patch_size
+        self.config = cfg
+        self.layout = cfg.layout
 
         # Trunk
         self.transformer = transformers.GPT2Model(_gpt2_config(cfg))
@@ -106,7 +74,7 @@ class GR1(nn.Module):
 
         # Token embeddings (names as GR1-Training, so its checkpoints load strictly)
         self.embed_arm_state = nn.Linear(cfg.state_dim - 1, D)
-        self.embed_gripper_state = nn.Linear(2, D)  # one-hot gripper state
+        self.embed_gripper_state = nn.Linear(GRIPPER_STATE_CLASSES, D)  # one-hot gripper state
         self.embed_state = nn.Linear(2 * D, D)
         self.embed_timestep = nn.Embedding(cfg.seq_len, D)
         self.embed_lang = nn.Linear(cfg.lang_feat_dim, D)
@@ -134,7 +102,7 @@ class GR1(nn.Module):
         self.decoder_blocks = nn.ModuleList([Block(D, 16, 4.0, qkv_bias=True) for _ in range(2)])
         self.decoder_norm = nn.LayerNorm(D)
         self.decoder_pred = nn.Linear(D, cfg.patch_size ** 2 * 3)
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(D, self.grid)[None], requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(D, cfg.grid)[None], requires_grad=False)
 
     # ---- stage 1: per-frame image tokens (independent of other frames: evaluation caches them) ----
     def frame_tokens(self, cls: torch.Tensor, patches: torch.Tensor, cam: str) -> torch.Tensor:
@@ -163,49 +131,50 @@ class GR1(nn.Module):
 
     # ---- stage 3: trunk ----
     def _kept_positions(self, T: int, keep: Keep, device: torch.device) -> torch.Tensor:
-        """Indices into the flattened (T * S) token sequence that go through GPT-2, in sequence order: (n,), or
+        """Indices into the flattened (T * M) token sequence that go through GPT-2, in sequence order: (n,), or
         (B, n) with keep.per_row (every row keeps the same number of tokens)."""
         if keep.per_row:
             frames = keep.frame_steps or [None] * len(keep.action_steps)
             return torch.stack([self._kept_positions(T, Keep([a], [] if f is None else [f]), device)
                                 for a, f in zip(keep.action_steps, frames)])
-        L, S = self.layout, self.layout.per_step
-        keep_grid = torch.zeros(T, S, dtype=torch.bool)
-        keep_grid[:, :L.n_obs] = True
+        layout, M = self.layout, self.layout.per_step
+        keep_grid = torch.zeros(T, M, dtype=torch.bool)
+        keep_grid[:, :layout.n_obs] = True
         act_steps = range(T) if keep.action_steps is None else keep.action_steps
         frame_steps = range(T) if keep.frame_steps is None else keep.frame_steps
         for t in act_steps:
-            keep_grid[t, L.action_queries] = True
+            keep_grid[t, layout.action_queries] = True
         for t in frame_steps:
-            keep_grid[t, L.obs_queries("static")] = keep_grid[t, L.obs_queries("gripper")] = True
+            for cam in CAMERAS:
+                keep_grid[t, layout.obs_queries(cam)] = True
         return keep_grid.flatten().nonzero()[:, 0].to(device)
 
     def run_trunk(self, obs: torch.Tensor, attention_mask: torch.Tensor, keep: Keep) -> torch.Tensor:
-        """obs (B, T, n_obs, D), attention_mask (B, T) -> hidden states (B, T, S, D) (unkept tokens are zero)."""
+        """obs (B, T, n_obs, D), attention_mask (B, T) -> hidden states (B, T, M, D) (unkept tokens are zero)."""
         B, T, _, D = obs.shape
-        S = self.layout.per_step
+        M = self.layout.per_step
         queries = self.query_tokens().expand(B, T, -1, -1)
-        tokens = self.embed_ln(torch.cat((obs, queries), dim=2).reshape(B, T * S, D))  # LayerNorm is per token
-        visible = torch.zeros(B, T, S, dtype=attention_mask.dtype, device=obs.device)
+        tokens = self.embed_ln(torch.cat((obs, queries), dim=2).reshape(B, T * M, D))  # LayerNorm is per token
+        visible = torch.zeros(B, T, M, dtype=attention_mask.dtype, device=obs.device)
         visible[:, :, :self.layout.n_obs] = attention_mask[:, :, None]  # queries are never visible
-        visible = visible.reshape(B, T * S)
+        visible = visible.reshape(B, T * M)
         full = keep.action_steps is None and keep.frame_steps is None
         if full:
             hidden = self.transformer(inputs_embeds=tokens, attention_mask=visible).last_hidden_state
-            return hidden.reshape(B, T, S, D)
+            return hidden.reshape(B, T, M, D)
         pos = self._kept_positions(T, keep, obs.device)
         if keep.per_row:  # each row its own kept tokens, with their own position ids
             rows = torch.arange(B, device=obs.device)[:, None]
             hidden = self.transformer(inputs_embeds=tokens[rows, pos], attention_mask=visible[rows, pos],
                                       position_ids=pos).last_hidden_state
-            out = hidden.new_zeros(B, T * S, D)
+            out = hidden.new_zeros(B, T * M, D)
             out[rows, pos] = hidden
-            return out.reshape(B, T, S, D)
+            return out.reshape(B, T, M, D)
         hidden = self.transformer(inputs_embeds=tokens[:, pos], attention_mask=visible[:, pos],
                                   position_ids=pos[None].expand(B, -1)).last_hidden_state
-        out = hidden.new_zeros(B, T * S, D)
+        out = hidden.new_zeros(B, T * M, D)
         out[:, pos] = hidden
-        return out.reshape(B, T, S, D)
+        return out.reshape(B, T, M, D)
 
     # ---- stage 4: heads ----
     def decode_actions(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,17 +227,17 @@ class GR1(nn.Module):
         keep = keep or Keep()
         B, T = arm_state.shape[:2]
         hidden = self.run_trunk(self.observation_tokens(lang, arm_state, gripper_state, frames), attention_mask,
-                                keep)  # (B, T, S, D)
-        L = self.layout
+                                keep)  # (B, T, M, D)
+        layout = self.layout
 
         def at(steps: list[int], tokens: slice) -> torch.Tensor:  # (B, len(steps), n, D); per row (B, 1, n, D)
             return hidden[torch.arange(B), steps, tokens][:, None] if keep.per_row else hidden[:, steps, tokens]
 
         act_steps = list(range(T)) if keep.action_steps is None else keep.action_steps
         frame_steps = list(range(T)) if keep.frame_steps is None else keep.frame_steps
-        arm, gripper = self.decode_actions(at(act_steps, L.action_queries))
+        arm, gripper = self.decode_actions(at(act_steps, layout.action_queries))
         out = {"arm_action": arm, "gripper_action": gripper}
         if frame_steps:
             for cam in CAMERAS:
-                out[f"rgb_{cam}_pred"] = self.decode_frames(at(frame_steps, L.obs_queries(cam)))
+                out[PREDICTION_KEYS[cam]] = self.decode_frames(at(frame_steps, layout.obs_queries(cam)))
         return out

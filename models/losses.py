@@ -1,23 +1,36 @@
 """The only place a loss or a training target exists: pixel targets, masked losses, the weighted total.
 
-Used identically for training and validation (Main.py) and by the parity tests.
+Used identically for training and validation (Main.py) and by the parity tests. The settings come from the model's
+ModelConfig (patch_size, skip_frame, without_norm_pixel_loss, arm_loss_ratio).
 
-Shape key: B batch, T window, Tf decoded frames, K action chunk, P patches, C p*p*3 pixels per patch, S image size.
+Shape letters (README "Architecture"): B batch, T window, Tf decoded frames, K action chunk, N images, P patches,
+C p*p*3 pixels per patch, S image side.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-LOSS_NAMES = ("rgb_static", "rgb_gripper", "action_arm", "action_gripper")
+from config import ModelConfig
+from facts import ARM_DIM, CAMERA_KEYS, CAMERAS, PREDICTION_KEYS
+
+LOSS_NAMES = (*(CAMERA_KEYS[cam] for cam in CAMERAS), "action_arm", "action_gripper")  # a frame loss per camera
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, T, 3, S, S) -> (B, T, P, C): patches in row-major order, pixels (y, x, channel) with channel fastest."""
-    B, T, Ch, H, W = images.shape
+    B, T, channels, height, width = images.shape
     p = patch_size
-    x = images.reshape(B, T, Ch, H // p, p, W // p, p)
-    return x.permute(0, 1, 3, 5, 4, 6, 2).reshape(B, T, (H // p) * (W // p), p * p * Ch)
+    x = images.reshape(B, T, channels, height // p, p, width // p, p)
+    return x.permute(0, 1, 3, 5, 4, 6, 2).reshape(B, T, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, P, C) -> (N, 3, S, S): the inverse of patchify for square images (N stands for any leading dims of one)."""
+    N, P, _ = patches.shape
+    g, p = int(round(P ** 0.5)), patch_size
+    x = patches.reshape(N, g, g, p, p, 3)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(N, 3, g * p, g * p)
 
 
 def pixel_targets(images: torch.Tensor, patch_size: int, normalize: bool) -> torch.Tensor:
@@ -56,23 +69,22 @@ def frame_losses(preds: torch.Tensor, images: torch.Tensor, frame_mask: torch.Te
 
 
 def gr1_losses(out: dict[str, torch.Tensor], images: dict[str, torch.Tensor], actions: torch.Tensor,
-               mask: torch.Tensor, skip_frame: int, patch_size: int, normalize_pixels: bool,
-               arm_loss_ratio: float) -> dict[str, torch.Tensor]:
+               mask: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The four GR-1 losses and their weighted total.
 
     out: GR1.forward output (arm_action (B, T, K, 6), gripper_action (B, T, K, 1) logits, rgb_<cam>_pred);
-    images['static'|'gripper'] (B, T, 3, S, S) the normalised inputs; actions (B, T, K, 7) with the gripper in
-    {0, 1}; mask (B, T, K) valid actions (mask[..., 0] marks valid frames).
+    images[cam] (B, T, 3, S, S) the normalised inputs (cam in facts.CAMERAS); actions (B, T, K, 7) with the gripper
+    in {0, 1}; mask (B, T, K) valid actions (mask[..., 0] marks valid frames).
     """
     frame_mask = mask[..., 0]
     losses = {
-        f"rgb_{cam}": frame_losses(out[f"rgb_{cam}_pred"], images[cam], frame_mask, skip_frame, patch_size,
-                                   normalize_pixels)
-        for cam in ("static", "gripper")}
-    losses["action_arm"] = masked_mean(F.smooth_l1_loss(out["arm_action"], actions[..., :6], reduction="none"),
-                                       mask)
+        CAMERA_KEYS[cam]: frame_losses(out[PREDICTION_KEYS[cam]], images[cam], frame_mask, cfg.skip_frame,
+                                       cfg.patch_size, not cfg.without_norm_pixel_loss)
+        for cam in CAMERAS}
+    losses["action_arm"] = masked_mean(
+        F.smooth_l1_loss(out["arm_action"], actions[..., :ARM_DIM], reduction="none"), mask)
     losses["action_gripper"] = masked_mean(
-        F.binary_cross_entropy_with_logits(out["gripper_action"], actions[..., 6:], reduction="none"), mask)
-    losses["total"] = (losses["rgb_static"] + losses["rgb_gripper"] + arm_loss_ratio * losses["action_arm"]
-                       + losses["action_gripper"])
+        F.binary_cross_entropy_with_logits(out["gripper_action"], actions[..., ARM_DIM:], reduction="none"), mask)
+    frames = sum(losses[CAMERA_KEYS[cam]] for cam in CAMERAS)  # static + gripper, in that order
+    losses["total"] = frames + cfg.arm_loss_ratio * losses["action_arm"] + losses["action_gripper"]
     return losses

@@ -12,7 +12,7 @@ import torch
 from conftest import shared_path
 from data import calvin_format as cf
 from data.convert import convert
-from data.lmdb_dataset import reading
+from data.lmdb_reader import reading
 
 
 def mini_calvin() -> str:

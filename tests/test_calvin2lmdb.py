@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.reference_reader import ReferenceSchemaReader
 from conftest import ROOT
 from data import calvin_format as cf
 from data.convert import ConversionError, convert
-from data.lmdb_dataset import DatasetError, LMDBDataset, close_lmdb, ratio_window_range, read_index
+from data.lmdb_dataset import LMDBDataset, ratio_window_range
+from data.lmdb_reader import DatasetError, close_lmdb, read_index
 from data_helpers import (  # noqa: F401 (fixture)
     assert_items_equal,
     copy_lmdb,
@@ -27,6 +27,7 @@ from data_helpers import (  # noqa: F401 (fixture)
     segments_done,
 )
 from models.encoders import tokenize
+from reference_reader import ReferenceSchemaReader
 
 # (split, first frame, last frame, instruction) of mini_calvin, as its README lists them
 WINDOWS = [("training", 0, 64), ("training", 63, 127), ("training", 143, 191), ("training", 192, 240),

@@ -9,7 +9,7 @@ import torch
 from conftest import shared_path
 from data import calvin_format as cf
 from data.codec import loads_value
-from data.lmdb_dataset import reading
+from data.lmdb_reader import reading
 
 
 @pytest.fixture(params=["Pillow", "simplejpeg"])

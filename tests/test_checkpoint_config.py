@@ -94,3 +94,8 @@ def test_adopting_a_saved_config():
     assert adopt_checkpoint_config(tiny, saved, frozenset({"embed_dim"}), "x.pth").embed_dim == 32  # agrees: fine
     with pytest.raises(ConfigError, match=r"embed_dim=384 was given, but x.pth was trained with embed_dim=32"):
         adopt_checkpoint_config(cfg, saved, frozenset({"embed_dim"}), "x.pth")
+    # The demo's checkpoint: seq_len 3 fits configs.json's skip_frame 3 only with the checkpoint's skip_frame too
+    demo = {**saved, "seq_len": 3, "skip_frame": 2}
+    assert adopt_checkpoint_config(cfg, demo, frozenset(), "x.pth").skip_frame == 2
+    given = adopt_checkpoint_config(cfg.replace(skip_frame=1), demo, frozenset({"skip_frame"}), "x.pth")
+    assert given.skip_frame == 1  # given explicitly: it may differ from the checkpoint's

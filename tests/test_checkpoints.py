@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
-from config import Config, from_dict
+from config import Config, ModelConfig
 from conftest import shared_path
+from helpers import tiny_config, tiny_inputs
 from models.build import (
     CheckpointError,
     build_encoders,
@@ -45,7 +46,7 @@ def full_size_on_meta():
     """Full-size GR1 and encoders without allocating weights (shapes only)."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gr1 = GR1(FULL)
+        gr1 = GR1(ModelConfig.from_config(FULL))
         encoders = FrozenEncoders(MAEEncoder(), CLIPTextEncoder())
     return gr1, encoders
 
@@ -105,29 +106,8 @@ def test_wrong_file_names_missing_and_unexpected_keys(full_size_on_meta):
         in msg and "pred_arm_act.weight: file (7, 192) vs model (6, 192)" in msg
 
 
-def _tiny(**changes) -> Config:
-    values = dict(embed_dim=32, n_layer=1, n_head=2, resampler_depth=1, resampler_dim_head=8, resampler_heads=2,
-                  resampler_num_latents=2, seq_len=3, chunk_size=4, skip_frame=1, rgb_shape=32, patch_size=16,
-                  img_feat_dim=32, patch_feat_dim=32, lang_feat_dim=16, mae_depth=1, mae_num_heads=2,
-                  clip_text_width=16, clip_text_layers=1, clip_text_heads=2, mae_ckpt="", clip_ckpt="",
-                  n_positions=128)
-    values.update(changes)
-    return from_dict(values)
-
-
-def _tiny_inputs(cfg: Config, B: int = 2):
-    g = torch.Generator().manual_seed(0)
-    T, S = cfg.seq_len, cfg.rgb_shape
-    return (torch.randn(B, cfg.lang_feat_dim, generator=g), torch.randn(B, T, 6, generator=g),
-            torch.nn.functional.one_hot(torch.randint(0, 2, (B, T), generator=g), 2).float(),
-            {cam: (torch.randn(B, T, cfg.img_feat_dim, generator=g),
-                   torch.randn(B, T, (S // cfg.patch_size) ** 2, cfg.img_feat_dim, generator=g))
-             for cam in ("static", "gripper")},
-            torch.tensor([[1, 1, 1], [1, 1, 0]])[:B])
-
-
 def test_own_checkpoint_round_trip_is_exact(tmp_path):
-    cfg = _tiny()
+    cfg = tiny_config()
     gr1 = build_gr1(cfg).eval()
     with torch.no_grad():
         for p in gr1.parameters():
@@ -148,7 +128,7 @@ def test_chunk_adaptation():
     """chunk 1 -> K repeats the single query row, K -> 1 keeps row 0. Predictions stay identical for the first
     chunk position of the first timestep only: the tokens per timestep change with K, so later tokens move to other
     position ids (the adapted weights are a starting point for fine-tuning, not the same policy)."""
-    one, four = _tiny(chunk_size=1, test_chunk_size=1), _tiny(chunk_size=4)
+    one, four = tiny_config(chunk_size=1, test_chunk_size=1), tiny_config(chunk_size=4)
     src1 = build_gr1(one).eval()
     with torch.no_grad():
         src1.action_chunk_queries.weight.normal_()
@@ -162,19 +142,19 @@ def test_chunk_adaptation():
     dst1 = build_gr1(one).eval()
     load_policy_state_dict(dst1, None, src4.state_dict(), one)
     assert torch.equal(dst1.action_chunk_queries.weight, src4.action_chunk_queries.weight[:1])
-    inputs = _tiny_inputs(one)
+    inputs = tiny_inputs(one)
     with torch.no_grad():
         a1, a4 = src1(*inputs)["arm_action"], dst4(*inputs)["arm_action"]
         b4, b1 = src4(*inputs)["arm_action"], dst1(*inputs)["arm_action"]
     torch.testing.assert_close(a4[:, 0, 0], a1[:, 0, 0], rtol=0, atol=2e-6)
     torch.testing.assert_close(b1[:, 0, 0], b4[:, 0, 0], rtol=0, atol=2e-6)
     with pytest.raises(CheckpointError, match="only 1 <-> K"):
-        load_policy_state_dict(build_gr1(_tiny(chunk_size=3)), None, src4.state_dict(), _tiny(chunk_size=3))
+        load_policy_state_dict(build_gr1(tiny_config(chunk_size=3)), None, src4.state_dict(), tiny_config(chunk_size=3))
 
 
 def test_encoder_weight_files_load_strictly(tmp_path):
     """MAE (['model'], with MAE-pretraining decoder keys dropped) and CLIP (full CLIP state dict) files."""
-    cfg = _tiny()
+    cfg = tiny_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = build_encoders(cfg)
@@ -202,9 +182,9 @@ def test_random_encoders_are_the_same_in_every_run():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        a = build_encoders(_tiny())
+        a = build_encoders(tiny_config())
         torch.manual_seed(123)
-        b = build_encoders(_tiny(seed=7))
+        b = build_encoders(tiny_config(seed=7))
     after = torch.rand(1)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(1)), "building the encoders must leave the global RNG alone"

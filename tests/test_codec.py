@@ -14,7 +14,7 @@ from conftest import shared_path
 from crafted import Storage, Tensor, blob_of, crafted_values
 from data import codec
 from data.codec import LMDBValueError, dumps_value, loads_value
-from data.lmdb_dataset import reading
+from data.lmdb_reader import reading
 
 ARRAYS = [np.arange(7, dtype=np.float64) / 3, np.linspace(-1, 1, 15, dtype=np.float32), np.arange(77, dtype=np.int32),
           np.arange(300).astype(np.uint8), np.linspace(0, 1, 512).astype(np.float16), np.array(3.5),

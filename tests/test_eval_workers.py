@@ -1,6 +1,5 @@
 """Evaluation with env worker processes (evaluation/pool.py, evaluation/env_worker.py) and batched GR-1 queries
-(evaluation/policy.py), in the built-in scene:
-- batched GR-1 queries over envs with different history lengths equal per-env queries;
+(evaluation/policy.py, whose own tests are in test_policy.py), in the built-in scene:
 - 1 env, 3 envs per process and 2 processes x 2 envs give the sequential protocol's per-sequence results (steps
   per subtask) on 8 sequences, with the scripted expert (inside the workers) and with a fixed-weight tiny GR-1
   (served in batches by this process; its actions and the states they lead to are compared too; its 2 x 2 run is an
@@ -11,8 +10,6 @@
 """
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import os
 import signal
@@ -27,29 +24,19 @@ import pytest
 import torch
 
 from config import ConfigError, load_config
-from conftest import DEVICES, ROOT, strict_device
+from conftest import ROOT
 from evaluation.backends import EnvSpec, evaluation_sequences, validation_instructions
+from evaluation.builtin_env.env import BuiltinEnv
+from evaluation.builtin_env.tasks import BuiltinTaskOracle
 from evaluation.pool import EnvPool
 from evaluation.protocol import RunStats, check_resume, run_protocol, run_sharded
 from evaluation.runner import ExpertPolicy, ZeroPolicy, evaluate, run_identity, warn_if_software_renderer
+from helpers import random_policy_model
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 TASKS = "turn_on_led,turn_off_led,push_red_block_left,push_red_block_right,lift_red_block_table"
 EXPERT_EP_LEN = 45  # the expert needs 30-70 steps: some subtasks succeed, some fail
-
-
-@functools.cache
-def instructions() -> dict[str, str]:
-    """The built-in scene's instruction per task (imports the scene: pybullet; see builtin_scene)."""
-    return validation_instructions("builtin")
-
-
-def builtin_scene() -> tuple[type, type]:
-    """(BuiltinEnv, BuiltinTaskOracle), imported where used: they need pybullet, and the GPU check collects this module
-    for the cached policy's CUDA test on machines that may not have it."""
-    from evaluation.builtin_env.env import BuiltinEnv
-    from evaluation.builtin_env.tasks import BuiltinTaskOracle
-    return BuiltinEnv, BuiltinTaskOracle
+INSTRUCTIONS = validation_instructions("builtin")
 
 
 def config(*overrides: str):
@@ -61,7 +48,7 @@ def rows(out_dir) -> list[dict]:
 
 
 def run_pool(n_envs: int, spec: EnvSpec, policy, sequences, ep_len: int, out_dir, **kwargs) -> dict:
-    with EnvPool(n_envs, spec, policy, instructions(), ep_len) as pool:
+    with EnvPool(n_envs, spec, policy, INSTRUCTIONS, ep_len) as pool:
         if hasattr(policy, "pool"):
             policy.pool = pool
         return run_sharded(pool.evaluate, sequences, str(out_dir), progress=False, envs_per_process=n_envs,
@@ -73,62 +60,12 @@ def run_pool(n_envs: int, spec: EnvSpec, policy, sequences, ep_len: int, out_dir
 
 @pytest.fixture(scope="module")
 def tiny_gr1():
-    from data.preprocess import ImagePreprocessor
-    from models.build import build_model
     cfg = config("test_chunk_size=2", "seed=3")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random encoders
-        encoders, gr1, _ = build_model(cfg, "cpu", weights=None)
-    gr1.eval()
+    encoders, gr1, pre = random_policy_model(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the env workers need the cores (evaluation.runner.policy_threads does the same)
-    yield cfg, encoders, gr1, ImagePreprocessor(cfg, "cpu")
+    yield cfg, encoders, gr1, pre
     torch.set_num_threads(threads)
-
-
-def random_observation(rng: np.random.Generator) -> dict:
-    return {"rgb_obs": {"rgb_static": rng.integers(0, 256, (200, 200, 3), dtype=np.uint8),
-                        "rgb_gripper": rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)},
-            "robot_obs": np.concatenate([rng.normal(size=14), [rng.choice([-1.0, 1.0])]])}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_batched_gr1_queries_equal_per_env_queries(tiny_gr1, device):
-    """3 envs starting 0, 2 and 5 steps apart (so their histories differ in length until all are full), chunks of 2
-    actions (so they query at different ticks), another instruction each, predicted frames on: one batched policy
-    gives each env the actions of its own single-env policy, and the cached path equals the uncached one (on the
-    CPU, and on CUDA with `pytest -m cuda`)."""
-    from data.preprocess import ImagePreprocessor
-    from evaluation.policy import GR1BatchPolicy, GR1Policy
-    cfg, encoders, gr1, pre = tiny_gr1
-    if device == "cuda":
-        dev = strict_device(device)
-        encoders, gr1, pre = copy.deepcopy(encoders).to(dev), copy.deepcopy(gr1).to(dev), ImagePreprocessor(cfg, dev)
-    rng = np.random.default_rng(0)
-    starts, length = (0, 2, 5), 12
-    streams = [[random_observation(rng) for _ in range(length)] for _ in starts]
-    texts = ["go push the red block right", "press the button to turn on the led light", "grasp and lift the red block"]
-    single = []
-    for stream, text in zip(streams, texts):
-        policy = GR1Policy(cfg, encoders, gr1, pre, device, record_video=True)
-        single.append([policy.step(obs, text) for obs in stream])
-    batched = GR1BatchPolicy(cfg, encoders, gr1, pre, device, record_video=True)
-    got: dict[int, list] = defaultdict(list)
-    sizes = Counter()
-    for tick in range(max(starts) + length):
-        requests = {e: (streams[e][tick - s], texts[e]) for e, s in enumerate(starts) if 0 <= tick - s < length}
-        sizes[len(requests)] += 1
-        for e, out in batched.act(requests).items():
-            got[e].append(out)
-    assert sizes[3] >= 5  # the three envs were served together, with different history lengths
-    action_diff = max(np.abs(a["action"] - b["action"]).max() for e in got for a, b in zip(got[e], single[e]))
-    frame_diff = max(np.abs(a[k].astype(int) - b[k].astype(int)).max() for e in got for a, b in zip(got[e], single[e])
-                     for k in ("rgb_static_pred", "rgb_gripper_pred"))
-    assert [len(got[e]) for e in range(3)] == [length] * 3
-    assert action_diff <= 1e-5 and frame_diff <= 1
-    uncached = GR1Policy(cfg, encoders, gr1, pre, device, use_cache=False)
-    reference = [uncached.step(obs, texts[0]) for obs in streams[0]]
-    assert max(np.abs(a["action"] - b["action"]).max() for a, b in zip(reference, single[0])) <= 1e-5
 
 
 # ---------------------------------------------------------------- same results as the sequential protocol
@@ -142,9 +79,8 @@ def expert_sequences():
 @pytest.fixture(scope="module")
 def sequential_expert(expert_sequences, tmp_path_factory):
     out = tmp_path_factory.mktemp("sequential_expert")
-    env_class, oracle_class = builtin_scene()
-    with env_class(render=False) as env:
-        run_protocol(env, oracle_class(), ExpertPolicy(env, instructions()), expert_sequences, instructions(),
+    with BuiltinEnv(render=False) as env:
+        run_protocol(env, BuiltinTaskOracle(), ExpertPolicy(env, INSTRUCTIONS), expert_sequences, INSTRUCTIONS,
                      EXPERT_EP_LEN, str(out), progress=False)
     return rows(out)
 
@@ -171,7 +107,7 @@ def test_two_processes_with_two_env_workers_each_give_the_sequential_results_wit
         return list(gathered)
 
     for rank in (1, 0):
-        with EnvPool(2, EnvSpec(render=False), "expert", instructions(), EXPERT_EP_LEN) as pool:
+        with EnvPool(2, EnvSpec(render=False), "expert", INSTRUCTIONS, EXPERT_EP_LEN) as pool:
             summary = run_sharded(pool.evaluate, expert_sequences, str(tmp_path), rank, 2,
                                   lambda items, rank=rank: gather(items, rank), progress=False, envs_per_process=2)
     assert rows(tmp_path) == sequential_expert
@@ -218,9 +154,8 @@ def test_env_workers_give_the_sequential_results_with_a_tiny_gr1(tiny_gr1, tmp_p
     seqs = evaluation_sequences(config("num_sequences=8"))
     ep_len = 8
     sequential = Recording(GR1Policy(cfg, encoders, gr1, pre, "cpu"))
-    env_class, oracle_class = builtin_scene()
-    with env_class() as env:
-        run_protocol(env, oracle_class(), sequential, seqs, instructions(), ep_len, str(tmp_path / "one"),
+    with BuiltinEnv() as env:
+        run_protocol(env, BuiltinTaskOracle(), sequential, seqs, INSTRUCTIONS, ep_len, str(tmp_path / "one"),
                      progress=False)
     reference = [np.stack(trace) for trace in sequential.traces.values()]  # in order
     assert len(reference) == sum(len(r["subtasks"]) for r in rows(tmp_path / "one"))
@@ -328,7 +263,7 @@ def test_resume_with_any_number_of_envs_neither_repeats_nor_loses_a_sequence(exp
                                                                              tmp_path):
     cfg = config("num_sequences=8", "eval_policy=expert", f"ep_len={EXPERT_EP_LEN}")
     identity = run_identity(cfg)
-    with EnvPool(3, EnvSpec(render=False), "expert", instructions(), EXPERT_EP_LEN) as pool:
+    with EnvPool(3, EnvSpec(render=False), "expert", INSTRUCTIONS, EXPERT_EP_LEN) as pool:
         with pytest.raises(KeyboardInterrupt):
             run_sharded(interrupted_after(3)(pool), expert_sequences, str(tmp_path), progress=False,
                         identity=identity)
@@ -336,7 +271,7 @@ def test_resume_with_any_number_of_envs_neither_repeats_nor_loses_a_sequence(exp
     assert first[0] == {"run": json.loads(json.dumps(identity))} and len(first) == 4
 
     evaluated = []
-    with EnvPool(2, EnvSpec(render=False), "expert", instructions(), EXPERT_EP_LEN) as pool:
+    with EnvPool(2, EnvSpec(render=False), "expert", INSTRUCTIONS, EXPERT_EP_LEN) as pool:
         def counting(todo, stats):
             evaluated.extend(s.index for s in todo)
             return pool.evaluate(todo, stats)
@@ -350,7 +285,7 @@ def test_resume_refuses_another_evaluations_files(tmp_path):
     a one-line error (evaluate_calvin.py: 'error: ...', exit 2); the true resume, with 3 envs, completes it."""
     cfg = config("num_sequences=6", "eval_policy=expert", "ep_len=30", f"eval_dir={tmp_path}")
     seqs = evaluation_sequences(cfg)
-    with EnvPool(2, EnvSpec(render=False), "expert", instructions(), 30) as pool:
+    with EnvPool(2, EnvSpec(render=False), "expert", INSTRUCTIONS, 30) as pool:
         with pytest.raises(KeyboardInterrupt):
             run_sharded(interrupted_after(2)(pool), seqs, str(tmp_path), progress=False, identity=run_identity(cfg))
     ckpt_a, ckpt_b = tmp_path / "a.pth", tmp_path / "b.pth"

@@ -13,7 +13,8 @@ from conftest import DEVICES, ROOT
 from data.loader import DevicePrefetcher
 from data.preprocess import ImagePreprocessor
 from models.build import build_encoders, build_model
-from training import compute_losses, detached, empty_totals, make_optimizer, mean_losses
+from training.logs import detached, empty_totals, mean_losses
+from training.step import compute_losses, make_optimizer
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 

@@ -4,6 +4,7 @@ come once per epoch, the order must stay a pure function of (seed, epoch, rank, 
 the sampling there was before."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -18,7 +19,7 @@ from data.preprocess import ImagePreprocessor
 from data_helpers import mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_model
 from models.losses import gr1_losses
-from training import batch_images, frame_groups, predict_batch
+from training.step import batch_images, frame_groups, predict_batch
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 
@@ -171,6 +172,7 @@ def test_shared_frames_give_each_window_what_it_gets_alone(shared_batch, monkeyp
     out, images = predict_batch(gr1, encoders, pre, batch, cfg, train=True)
     shared_tokens = seen.pop()
     mask = batch["mask"]
+    loss_cfg = dataclasses.replace(gr1.config, without_norm_pixel_loss=False)
     for j in range(len(mask)):
         alone = {k: v[j:j + 1] for k, v in batch.items() if k != SHARES_PREVIOUS}
         k = int(group_of[j])
@@ -183,10 +185,8 @@ def test_shared_frames_give_each_window_what_it_gets_alone(shared_batch, monkeyp
         for name in out_j:
             torch.testing.assert_close(out[name][j:j + 1], out_j[name], rtol=1e-5, atol=1e-5)
         losses = gr1_losses({n: v[j:j + 1] for n, v in out.items()}, {c: v[j:j + 1] for c, v in images.items()},
-                            batch["actions"][j:j + 1], mask[j:j + 1], cfg.skip_frame, cfg.patch_size, True,
-                            cfg.arm_loss_ratio)
-        losses_j = gr1_losses(out_j, images_j, alone["actions"], alone["mask"], cfg.skip_frame, cfg.patch_size,
-                              True, cfg.arm_loss_ratio)
+                            batch["actions"][j:j + 1], mask[j:j + 1], loss_cfg)
+        losses_j = gr1_losses(out_j, images_j, alone["actions"], alone["mask"], loss_cfg)
         for name in losses_j:
             torch.testing.assert_close(losses[name], losses_j[name], rtol=1e-5, atol=1e-6)
     assert not pending

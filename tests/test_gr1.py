@@ -2,18 +2,18 @@
 shortcuts (pruned queries, unencoded padded frames) with the full computation."""
 from __future__ import annotations
 
+import dataclasses
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from config import Config
+from config import Config, ModelConfig
+from helpers import free_port, tiny_config, tiny_inputs
 from models.build import build_gr1
 from models.gr1 import GR1, Keep, TokenLayout
 from models.losses import gr1_losses
-from test_checkpoints import _tiny, _tiny_inputs
 
 
 def test_token_layout_matches_the_reference():
@@ -27,18 +27,19 @@ def test_token_layout_matches_the_reference():
 
 
 def _loss(gr1: GR1, cfg: Config, keep: Keep | None = None, B: int = 2):
-    lang, arm, grip, feats, mask = _tiny_inputs(cfg, B)
+    lang, arm, grip, feats, mask = tiny_inputs(cfg, B)
     out = gr1(lang, arm, grip, feats, mask, keep)
     g = torch.Generator().manual_seed(1)
     images = {cam: torch.randn(B, cfg.seq_len, 3, cfg.rgb_shape, cfg.rgb_shape, generator=g)
               for cam in ("static", "gripper")}
     actions = torch.rand(B, cfg.seq_len, cfg.chunk_size, 7, generator=g).round()
     action_mask = mask[:, :, None].float().expand(-1, -1, cfg.chunk_size).clone()
-    return gr1_losses(out, images, actions, action_mask, cfg.skip_frame, cfg.patch_size, True, 100.0)["total"]
+    loss_cfg = dataclasses.replace(ModelConfig.from_config(cfg), without_norm_pixel_loss=False, arm_loss_ratio=100.0)
+    return gr1_losses(out, images, actions, action_mask, loss_cfg)["total"]
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_none():
-    cfg = _tiny()
+    cfg = tiny_config()
     gr1 = build_gr1(cfg).train()
     _loss(gr1, cfg, Keep(frame_steps=list(range(cfg.seq_len - cfg.skip_frame)))).backward()
     missing = [n for n, p in gr1.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
@@ -50,13 +51,10 @@ def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_none():
 
 def test_ddp_needs_no_find_unused_parameters():
     """Two iterations under DDP with find_unused_parameters=False: DDP raises if any parameter got no gradient."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        cfg = _tiny()
+        cfg = tiny_config()
         model = torch.nn.parallel.DistributedDataParallel(build_gr1(cfg).train(), find_unused_parameters=False)
         for _ in range(2):
             _loss(model, cfg, Keep(frame_steps=list(range(cfg.seq_len - cfg.skip_frame)))).backward()
@@ -67,9 +65,9 @@ def test_ddp_needs_no_find_unused_parameters():
 @pytest.mark.parametrize("keep", [Keep(frame_steps=[0, 1]), Keep(action_steps=[2], frame_steps=[]),
                                   Keep(action_steps=[1], frame_steps=[1])], ids=["train", "eval", "eval-video"])
 def test_left_out_queries_change_no_other_output(keep):
-    cfg = _tiny()
+    cfg = tiny_config()
     gr1 = build_gr1(cfg).eval()
-    inputs = _tiny_inputs(cfg)
+    inputs = tiny_inputs(cfg)
     with torch.no_grad():
         full = gr1(*inputs)
         part = gr1(*inputs, keep=keep)
@@ -86,9 +84,9 @@ def test_left_out_queries_change_no_other_output(keep):
 
 def test_padded_frames_do_not_influence_valid_outputs():
     """Features of a padded timestep (mask 0) are invisible: changing them changes no prediction of valid steps."""
-    cfg = _tiny()
+    cfg = tiny_config()
     gr1 = build_gr1(cfg).eval()
-    lang, arm, grip, feats, mask = _tiny_inputs(cfg)
+    lang, arm, grip, feats, mask = tiny_inputs(cfg)
     changed = {cam: (cls.clone(), patches.clone()) for cam, (cls, patches) in feats.items()}
     for cls, patches in changed.values():
         cls[1, 2] = 0

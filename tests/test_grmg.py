@@ -23,23 +23,21 @@ import warnings
 import pytest
 import torch
 
-from config import Config, from_dict
+from config import Config, ModelConfig, from_dict
 from conftest import ROOT
 from data_helpers import mini_lmdb  # noqa: F401 (session fixture)
 from models.build import (
-    GRMG_MAY_LACK,
-    GRMG_ONLY_MODULES,
     CheckpointError,
     build_encoders,
     build_gr1,
-    grmg_config_values,
     load_file,
     load_policy_state_dict,
     load_policy_weights,
 )
+from models.converters import GRMG_MAY_LACK, GRMG_ONLY_MODULES, grmg_config_values
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder
 from models.gr1 import GR1
-from training_state import find_training_state
+from training.state import find_training_state
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "grmg")
 SMALL_CKPT = os.path.join(FIXTURES, "grmg_small.ckpt")
@@ -149,7 +147,7 @@ def test_every_full_size_grmg_key_is_loaded_or_listed_as_dropped(layout_name):
     assert {k: v for k, v in grmg_config_values(layout["policy"]).items() if getattr(cfg, k) != v} == {}
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gr1, encoders = GR1(cfg), FrozenEncoders(MAEEncoder(), CLIPTextEncoder())
+        gr1, encoders = GR1(ModelConfig.from_config(cfg)), FrozenEncoders(MAEEncoder(), CLIPTextEncoder())
     dtypes = {"float32": torch.float32, "float16": torch.float16}
     own = gr1.state_dict()  # decoder_pos_embed is a real tensor even here: match each tensor's device
     sd = {k: torch.empty(shape, dtype=dtypes[dtype], device=own[k[6:]].device if k[6:] in own else "meta")

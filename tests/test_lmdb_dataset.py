@@ -1,25 +1,26 @@
 """data/lmdb_dataset.py: GR1-Training's items from its own LMDB, splits, errors, DataLoader workers."""
 import pickle
+import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from bench.reference_reader import ReferenceSchemaReader
 from config import Config
 from conftest import shared_path
+from data.batch_ring import BatchRing, StaleBatchError, collate_batch
 from data.convert import convert
 from data.lmdb_dataset import (
     DatasetError,
     LMDBDataset,
-    collate_batch,
     make_datasets,
     open_lmdb,
     ratio_window_range,
     read_index,
 )
-from data.loader import make_loader
+from data.loader import BatchLoader, make_loader
 from data_helpers import assert_items_equal, copy_lmdb, mini_calvin, mini_lmdb  # noqa: F401 (fixture)
+from reference_reader import ReferenceSchemaReader
 
 
 def _cfg(path: str, **changes) -> Config:
@@ -171,7 +172,7 @@ def test_training_loader_reuses_worker_buffers_without_corrupting_batches(mini_l
     subset_size = 30
     train.num_items = subset_size  # 10 batches per epoch, 5 per worker
     loader = make_loader(train, cfg, rank=0, world=1, train=True, pin_memory=False)
-    assert train.reuse_buffers == 4
+    assert loader.ring.slots == 4 and train.batch_ring is loader.ring
     items = {i: train[i] for i in range(subset_size)}
     for epoch in range(3):
         loader.sampler.set_epoch(epoch)
@@ -187,3 +188,33 @@ def test_training_loader_reuses_worker_buffers_without_corrupting_batches(mini_l
                     assert torch.equal(previous[0][k], previous[1][k]), (epoch, b - 1, k, "overwritten")
             previous = (batch, expected)
         assert b == 9
+
+
+def test_reading_a_stale_batch_raises(mini_lmdb):
+    """The batch ring's rule is checked, not assumed: make_loader's consumer may hold 2 batches, an older one is
+    retired and any read of it raises; a batch whose buffer a worker rewrote (here a DataLoader with more batches in
+    flight than its ring has buffers) raises on read, and the loader stops handing out batches."""
+    cfg = _cfg(mini_lmdb, seq_len=3, chunk_size=2, skip_frame=1, bs_per_gpu=3, workers_per_gpu=1, prefetch_factor=2)
+    train, _ = make_datasets(cfg)
+    train.num_items = 30
+    batches = iter(make_loader(train, cfg, rank=0, world=1, train=True, pin_memory=False))
+    oldest, previous, current = next(batches), next(batches), next(batches)
+    assert previous["mask"].shape == current["mask"].shape == (3, 3, 2)  # the two newest are readable
+    with pytest.raises(StaleBatchError, match="handed out 2 newer batches"):
+        oldest["mask"]
+    with pytest.raises(StaleBatchError):
+        dict(oldest)
+
+    ring = train.batch_ring = BatchRing(prefetch_factor=1)  # 3 buffers for the 4 batches in flight below
+    loader = BatchLoader(DataLoader(train, batch_size=3, num_workers=1, prefetch_factor=4, collate_fn=collate_batch,
+                                    multiprocessing_context="fork"), ring)
+    batches = iter(loader)
+    first = next(batches)
+    deadline = time.monotonic() + 120
+    while not first.ticket.rewritten():  # the worker writes its 4th batch into the first one's buffer
+        assert time.monotonic() < deadline, "the worker never rewrote the buffer"
+        time.sleep(0.01)
+    with pytest.raises(StaleBatchError, match="rewritten while its batch was still held"):
+        first["arm_state"]
+    with pytest.raises(StaleBatchError, match="rewritten"):
+        next(batches)

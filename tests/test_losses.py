@@ -1,8 +1,15 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from config import Config, ModelConfig
 from models.losses import frame_losses, gr1_losses, masked_mean, patchify, pixel_targets
+
+# skip_frame 1, patch 16, per-patch normalised pixel targets, arm loss weight 100
+LOSS_SETTINGS = dataclasses.replace(ModelConfig.from_config(Config()), skip_frame=1, patch_size=16,
+                                    without_norm_pixel_loss=False, arm_loss_ratio=100.0)
 
 
 def test_patchify_order_is_patch_row_col_then_y_x_channel():
@@ -57,7 +64,7 @@ def test_total_is_the_weighted_sum():
            "rgb_static_pred": torch.randn(B, T, 1, 768), "rgb_gripper_pred": torch.randn(B, T, 1, 768)}
     images = {cam: torch.randn(B, T, 3, 16, 16) for cam in ("static", "gripper")}
     actions = torch.rand(B, T, K, 7).round()
-    losses = gr1_losses(out, images, actions, torch.ones(B, T, K), 1, 16, True, 100.0)
+    losses = gr1_losses(out, images, actions, torch.ones(B, T, K), LOSS_SETTINGS)
     total = losses["rgb_static"] + losses["rgb_gripper"] + 100 * losses["action_arm"] + losses["action_gripper"]
     assert torch.equal(losses["total"], total)
     expected_bce = F.binary_cross_entropy_with_logits(out["gripper_action"], actions[..., 6:])

@@ -9,6 +9,8 @@ On CUDA (`pytest -m cuda`, TF32 off) the same fixtures hold within 1e-4 absolute
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -68,8 +70,8 @@ def test_losses_match_for_every_skip_frame(fixture_model):
         out = run_model(encoders, gr1, inputs)
     for key, ref_losses in fx["losses"].items():
         skip = int(key.rsplit("_", 1)[1])
-        losses = gr1_losses(out, inputs["images"], targets["actions"].float(), targets["mask"].float(), skip,
-                            cfg.patch_size, not cfg.without_norm_pixel_loss, cfg.arm_loss_ratio)
+        losses = gr1_losses(out, inputs["images"], targets["actions"].float(), targets["mask"].float(),
+                            dataclasses.replace(gr1.config, skip_frame=skip))
         for name, ref in ref_losses.items():
             assert_matches_reference(losses[name].detach(), ref, f"{key} {name}")
 
@@ -83,8 +85,7 @@ def test_gradients_match_through_the_training_path(fixture_model):
     gr1.zero_grad(set_to_none=True)
     keep = Keep(frame_steps=list(range(cfg.seq_len - cfg.skip_frame)))
     out = run_model(encoders, gr1, inputs, keep=keep, frame_mask=fx["inputs"]["attention_mask"])
-    losses = gr1_losses(out, inputs["images"], targets["actions"].float(), targets["mask"].float(), cfg.skip_frame,
-                        cfg.patch_size, not cfg.without_norm_pixel_loss, cfg.arm_loss_ratio)
+    losses = gr1_losses(out, inputs["images"], targets["actions"].float(), targets["mask"].float(), gr1.config)
     losses["total"].backward()
     ref_grads = fx["grads_total_loss_eval_mode"]
     params = dict(gr1.named_parameters())

@@ -85,7 +85,7 @@ def test_to_pixels_inverts_process_on_eval_path():
 
 def test_rejects_wrong_layout():
     pre = ImagePreprocessor(FIXTURE_CFG, "cpu")
-    with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(batch, time, 3, height, width\)"):
         pre.process(torch.zeros(2, 200, 200, 3, dtype=torch.uint8), torch.zeros(1, 1, 3, 84, 84, dtype=torch.uint8),
                     train=False)
 

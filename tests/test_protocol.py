@@ -203,7 +203,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def launch_evaluation(processes: int, *overrides: str) -> subprocess.CompletedProcess:
     """evaluate_calvin.py on the tiny config, in 1 process or in 2 CPU processes (gloo) under accelerate launch."""
-    from test_training import free_port
+    from helpers import free_port
     launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                  str(free_port())] if processes == 2 else [sys.executable])
@@ -236,7 +236,7 @@ def test_evaluate_calvin_runs_the_builtin_scene_from_a_checkpoint(tiny_checkpoin
         cfg = load_config(os.path.join(ROOT, "configs", "tiny.json"), [f"num_sequences={n}"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random encoders
-            encoders, gr1, _ = build_model(cfg, "cpu", weights=tiny_checkpoint, for_eval=True)
+            encoders, gr1, _ = build_model(cfg, "cpu", weights=tiny_checkpoint)
         policy = GR1Policy(cfg, encoders, gr1.eval(), ImagePreprocessor(cfg, "cpu"), "cpu")
         with BuiltinEnv() as env:
             run_protocol(env, BuiltinTaskOracle(), policy, evaluation_sequences(cfg), INSTRUCTIONS, 8,

@@ -25,14 +25,17 @@ from crafted import put_value
 from data import calvin_format as cf
 from data.codec import dumps_value
 from data.convert import ConversionError, convert
-from data.lmdb_dataset import close_lmdb, make_datasets
+from data.lmdb_dataset import make_datasets
+from data.lmdb_reader import DatasetError, close_lmdb
 from data.loader import EpochSampler
 from data_helpers import mini_lmdb  # noqa: F401 (fixture)
+from helpers import free_port
 from models.build import build_gr1, build_model, save_checkpoint
 from models.encoders import CLIPTextEncoder, FrozenEncoders, MAEEncoder, tokenize
 from models.files import CheckpointError, load_file
-from training import NonFiniteLossError, check_save_path, error_line
-from training_state import lmdb_fingerprint, read_training_state
+from training.state import lmdb_fingerprint, read_training_state
+from training.step import NonFiniteLossError
+from training.trainer import check_save_path, error_line
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 
@@ -223,16 +226,9 @@ def test_converter_sigterm_and_sigkill_leave_no_process(mini_lmdb, tmp_path):
 def _train_cmd(lmdb: str, save: str, processes: int = 1) -> list[str]:
     launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                 str(_free_port())] if processes > 1 else [sys.executable])
+                 str(free_port())] if processes > 1 else [sys.executable])
     return launcher + ["Main.py", "--config", TINY, f"LMDB_path={lmdb}", f"save_path={save}", "workers_per_gpu=1",
                        "print_steps=1", "save_steps=0", "num_epochs=1"]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _logged_batches(save: str) -> int:
@@ -308,7 +304,6 @@ def test_corrupt_lmdb_pages_are_named(mini_lmdb, tmp_path):
     with open(os.path.join(path, "data.mdb"), "r+b") as f:
         f.seek(4096 * 3)
         f.write(np.random.default_rng(0).integers(0, 256, 4096 * 8, dtype=np.uint8).tobytes())
-    from data.lmdb_dataset import DatasetError
     with pytest.raises(DatasetError) as error:
         train, val = make_datasets(load_config(TINY, [f"LMDB_path={path}"]))
         for dataset in (train, val):
@@ -342,9 +337,8 @@ def test_weights_and_save_path_rules(tmp_path):
 
 
 def test_error_line_reduces_worker_tracebacks():
-    from data.lmdb_dataset import DatasetError
     wrapped = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 1\ndata.lmdb_dataset.DatasetError: LMDB /x, key rgb_static_3: "
+                         "last):\n  File \"x.py\", line 1\ndata.lmdb_reader.DatasetError: LMDB /x, key rgb_static_3: "
                          "bad\n")
     assert error_line(wrapped) == "LMDB /x, key rgb_static_3: bad"
     assert error_line(ValueError("one\ntwo")) == "one two"

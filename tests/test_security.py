@@ -19,12 +19,13 @@ from torch import nn
 from config import Config
 from conftest import ROOT
 from crafted import Run, crafted_pth, crafted_values, put_value, replace_zip_entry
-from data.lmdb_dataset import DatasetError, close_lmdb, make_datasets
+from data.lmdb_dataset import make_datasets
+from data.lmdb_reader import DatasetError, close_lmdb
 from data_helpers import copy_lmdb, mini_lmdb  # noqa: F401 (fixture)
 from models.build import build_encoders, build_model
 from models.encoders import CLIPTextEncoder
 from models.files import CheckpointError, load_file, read_torchscript_tensors
-from training_state import FORMAT, TrainState, read_training_state
+from training.state import FORMAT, TrainState, read_training_state
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 

@@ -15,7 +15,9 @@ import torch
 
 from config import load_config
 from conftest import DEVICES, ROOT, shared_path
+from helpers import free_port
 from models.build import build_model, load_file
+from training.logs import read_metrics
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
 
@@ -35,13 +37,6 @@ def train_cmd(lmdb: str, save: str, *overrides: str, processes: int = 1) -> list
                  str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                  "--main_process_port", str(free_port())] if processes > 1 else [sys.executable])
     return launcher + ["Main.py", "--config", TINY, f"LMDB_path={lmdb}", f"save_path={save}", *overrides]
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_env(device: str = "") -> dict[str, str]:
@@ -76,7 +71,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(lmdb_path, tmp
     ckpt = load_file(os.path.join(save, "GR1_1.pth"))
     assert not any(k.startswith(("model_mae", "model_clip")) for k in ckpt["state_dict"])
     cfg = load_config(TINY)
-    _, gr1, report = build_model(cfg, "cpu", weights=os.path.join(save, "GR1_1.pth"), for_eval=True)
+    _, gr1, report = build_model(cfg, "cpu", weights=os.path.join(save, "GR1_1.pth"))
     assert report.format == "gr1-training"
     assert torch.equal(gr1.state_dict()["embed_lang.weight"], ckpt["state_dict"]["embed_lang.weight"])
     # evaluate_during_training ran the evaluation module on the saved weights
@@ -118,7 +113,7 @@ def test_killed_run_resumes_exactly(lmdb_path, tmp_path, device):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         path = os.path.join(killed, "metrics.jsonl")
-        if os.path.isfile(path) and any(r["batches"] >= 9 for r in _safe_metrics(path)):
+        if os.path.isfile(path) and any(r["batches"] >= 9 for r in read_metrics(path)):  # skips a line being written
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
@@ -133,17 +128,6 @@ def test_killed_run_resumes_exactly(lmdb_path, tmp_path, device):
         assert resumed[b] == by_batch[b], f"batch {b}: {resumed[b]} != {by_batch[b]}"
     a, b = _final_weights(full), _final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _safe_metrics(path: str) -> list[dict]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
 
 
 @pytest.mark.parametrize("override, message", [

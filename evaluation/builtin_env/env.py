@@ -26,6 +26,7 @@ import numpy as np
 import pybullet as p
 
 from evaluation.builtin_env import scene as sc
+from facts import ROBOT_OBS_DIM
 
 PHYSICS_HZ = 240
 CONTROL_HZ = 30
@@ -43,7 +44,7 @@ GRIPPER_MAX_VELOCITY = 0.2  # m/s per finger (the URDF's limit)
 WORKSPACE_LOW = (-0.55, -0.35, sc.TABLE_TOP_Z + 0.005)  # bounds of the target TCP position
 WORKSPACE_HIGH = (0.55, 0.4, sc.TABLE_TOP_Z + 0.6)
 ACTION_SIZE = 7
-ROBOT_OBS_SIZE = 15
+ROBOT_OBS_SIZE = ROBOT_OBS_DIM
 _IK_LOWER = list(sc.ARM_LOWER) + [0.0, 0.0]  # IK works over the 9 movable joints (arm + fingers)
 _IK_UPPER = list(sc.ARM_UPPER) + [sc.FINGER_OPEN, sc.FINGER_OPEN]
 _IK_RANGE = [hi - lo for lo, hi in zip(_IK_LOWER, _IK_UPPER)]

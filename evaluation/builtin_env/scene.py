@@ -17,6 +17,8 @@ import numpy as np
 import pybullet as p
 import pybullet_data
 
+from facts import CAMERA_SIZES, SCENE_OBS_DIM
+
 # ---- table (pybullet_data/table/table.urdf: a 1.5 x 1.0 m top whose surface is at z = 0.625) ----
 TABLE_URDF = "table/table.urdf"
 TABLE_TOP_Z = 0.625
@@ -77,7 +79,7 @@ LED_LINK = 1
 
 # ---- scene_obs layout: CALVIN's 24 entries; this scene has no slider, drawer, switch or lightbulb, whose entries are
 # always 0 (given values are ignored by reset) ----
-SCENE_OBS_SIZE = 24
+SCENE_OBS_SIZE = SCENE_OBS_DIM
 SCENE_OBS_SLIDER, SCENE_OBS_DRAWER, SCENE_OBS_BUTTON, SCENE_OBS_SWITCH, SCENE_OBS_LIGHTBULB, SCENE_OBS_LED = range(6)
 SCENE_OBS_BLOCKS = 6  # then per block (BLOCK_NAMES order): x, y, z, Euler x, y, z
 
@@ -89,8 +91,7 @@ def block_slice(index: int) -> slice:
 
 
 # ---- cameras (CALVIN's sizes and gripper fov; the static camera is placed for this scene) ----
-STATIC_SIZE = 200
-GRIPPER_SIZE = 84
+STATIC_SIZE, GRIPPER_SIZE = CAMERA_SIZES["static"], CAMERA_SIZES["gripper"]
 STATIC_EYE = (0.07, 0.55, 1.22)
 STATIC_TARGET = (0.07, -0.04, TABLE_TOP_Z)
 STATIC_UP = (0.0, 0.0, 1.0)
@@ -118,8 +119,9 @@ class SceneIds:
 def _load_low_poly_panda(cid: int) -> int:
     """Loads pybullet_data's panda.urdf with its collision meshes also as visual meshes (3.4k instead of 100k
     triangles), which makes TinyRenderer ~5x faster; the kinematics, dynamics and collision shapes are untouched."""
-    panda_dir = os.path.join(pybullet_data.getDataPath(), "franka_panda")
-    with open(os.path.join(panda_dir, "panda.urdf")) as f:
+    path = os.path.join(pybullet_data.getDataPath(), PANDA_URDF)
+    panda_dir = os.path.dirname(path)
+    with open(path) as f:
         urdf = f.read()
     urdf = urdf.replace("package://meshes/visual/", "package://meshes/collision/")
     urdf = urdf.replace("package://meshes/", os.path.join(panda_dir, "meshes") + "/")

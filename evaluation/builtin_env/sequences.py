@@ -24,8 +24,8 @@ import numpy as np
 
 from evaluation.builtin_env import scene as sc
 from evaluation.builtin_env.tasks import TASK_NAMES, TASKS
+from facts import CHAIN_LENGTH
 
-CHAIN_LENGTH = 5
 POS_JITTER_X = 0.02  # m, uniform +- around the column's x
 POS_JITTER_Y = 0.01  # m, uniform +- around the lane's y
 YAW_JITTER = 0.25  # rad, uniform +- (a cube looks the same every 90 degrees)

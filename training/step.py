@@ -1,29 +1,25 @@
-"""Training pieces used by Main.py: optimiser, learning-rate schedule, one training / validation step, and the
-loop's checks (non-finite losses, agreement between processes on stopping, save_path). Main.py wires them together;
-nothing here parses arguments. The resumable training state is in training_state.py.
+"""One optimiser step's work: the optimiser, preprocessing + frozen encoders + GR1 + losses for a batch (training and
+validation alike), and the step's checks (non-finite losses, which processes asked to stop). The loop that calls them
+is training/trainer.py.
 
 Shape key: B batch, T window, K action chunk, G frame groups, U frames per group (T + largest group - 1).
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from config import Config, ConfigError
+from config import Config, ModelConfig
 from data.lmdb_dataset import SHARES_PREVIOUS
 from data.loader import HOST_FRAME_MASK, EpochSampler
 from models.encoders import FrozenEncoders
 from models.gr1 import Keep
-from models.losses import LOSS_NAMES, gr1_losses
+from models.losses import gr1_losses
 
-# ---------------------------------------------------------------- optimiser and schedule
+# ---------------------------------------------------------------- optimiser
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # devices with a fused AdamW kernel in every torch this project supports
 
@@ -34,32 +30,6 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr_max, weight_decay=cfg.weight_decay,
                              fused=torch.device(device).type in FUSED_ADAMW_DEVICES)
-
-
-def cosine_with_warmup(step: float, warmup: float, total: float) -> float:
-    """LR factor: linear warm-up over `warmup` steps, then half a cosine to 0 at `total` (transformers' formula)."""
-    if step < warmup:
-        return step / max(1.0, warmup)
-    progress = (step - warmup) / max(1.0, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def lr_factor(update: int, cfg: Config, updates_per_epoch: int, batches_per_epoch: int, world: int,
-              dataset_len: int) -> float:
-    """LR factor for the `update`-th optimiser step (0-based).
-
-    'per_step': warm-up and cosine over optimiser steps; the first update already has a non-zero LR.
-    'reference': GR1-Training's staircase: the schedule advances once every print_steps batches, its length counted
-    in print intervals of len(dataset) // (print_steps * bs_per_gpu * processes), so the first print_steps batches
-    train with LR 0.
-    """
-    if cfg.lr_schedule == "per_step":
-        return cosine_with_warmup(update + 1, cfg.num_warmup_epochs * updates_per_epoch,
-                                  cfg.num_epochs * updates_per_epoch)
-    prints_per_epoch = dataset_len // (cfg.print_steps * cfg.bs_per_gpu * world)
-    batches_before = update * cfg.gradient_accumulation_steps
-    return cosine_with_warmup(batches_before // cfg.print_steps, cfg.num_warmup_epochs * prints_per_epoch,
-                              cfg.num_epochs * prints_per_epoch)
 
 
 # ---------------------------------------------------------------- steps
@@ -138,48 +108,13 @@ def compute_losses(model: nn.Module, encoders: FrozenEncoders, preprocessor, bat
                    train: bool) -> dict[str, torch.Tensor]:
     """The four losses and their total for one batch (predict_batch, then models/losses.py)."""
     out, images = predict_batch(model, encoders, preprocessor, batch, cfg, train)
-    return gr1_losses(out, images, batch["actions"], batch["mask"], cfg.skip_frame, cfg.patch_size,
-                      not cfg.without_norm_pixel_loss, cfg.arm_loss_ratio)
+    return gr1_losses(out, images, batch["actions"], batch["mask"], ModelConfig.from_config(cfg))
 
 
-def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A step's losses for logging, left on the device: Main.py sums them there and mean_losses reads them back once
-    per log line, so that the loop never waits for the device (an .item() per batch would, every batch)."""
-    return {k: v.detach() for k, v in losses.items()}
-
-
-def mean_losses(totals: dict[str, float | torch.Tensor], count: int) -> dict[str, float]:
-    """Means of summed losses as floats; sums held on a device are read back in one transfer."""
-    on_device = [v for v in totals.values() if isinstance(v, torch.Tensor)]
-    if on_device:
-        sums = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=on_device[0].device)
-                            for v in totals.values()]).tolist()
-        totals = dict(zip(totals, sums))
-    return {k: totals[k] / max(1, count) for k in totals}
-
-
-def empty_totals() -> dict[str, float]:
-    return {k: 0.0 for k in LOSS_NAMES + ("total",)}
-
-
-# ---------------------------------------------------------------- the loop's checks
+# ---------------------------------------------------------------- the step's checks
 
 class NonFiniteLossError(RuntimeError):
     """A training loss was NaN or inf; raised before the optimiser step, so no weights were updated with it."""
-
-
-class TrainingStopped(Exception):  # noqa: N818 (not an error: a requested stop)
-    """SIGINT / SIGTERM stopped the run after a save of the full training state."""
-
-
-def check_save_path(path: str) -> None:
-    """save_path must be a writable directory (created if absent): fail in one line before anything is built."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"save_path {path!r} is not a writable directory ({e.strerror or e})") from None
 
 
 def first_nonfinite(flags: list[tuple[int, torch.Tensor]]) -> int | None:
@@ -228,96 +163,3 @@ def nonfinite_message(bad: dict[int, tuple[int, list[int]]], epoch: int, update:
     return (f"non-finite training loss after {update} optimiser steps ({where}) in {lmdb_path}: each window reads "
             f"the keys <name>_<s> for s = start .. start + {span - 1}; the weights were not updated with it and "
             "nothing was saved after the last good state")
-
-
-def error_line(e: BaseException) -> str:
-    """An exception as one line; an error re-raised from a DataLoader worker is reduced to its original message."""
-    text = str(e).strip() or type(e).__name__
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught "):  # torch's ExceptionWrapper: the worker's traceback
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith(type(e).__name__) else last
-    return " ".join(ln.strip() for ln in lines)
-
-
-# ---------------------------------------------------------------- logging
-
-TRACKER_PROJECT = "gr1"  # the run name accelerate's trackers get (TensorBoard: save_path/logs/gr1)
-CURVES_FILE = "training_curves.png"
-METRICS_FILE = "metrics.jsonl"
-
-
-def tracker_names(cfg: Config) -> list[str]:
-    """cfg.log_with as accelerate tracker names; an unknown one, or one whose package is missing, is a one-line
-    error (accelerate itself would drop a missing one silently)."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-    names = [n.strip() for n in cfg.log_with.split(",") if n.strip() and n.strip() != "none"]
-    available = {str(t) for t in get_available_trackers()}
-    for name in names:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            raise ConfigError(f"log_with: unknown tracker {name!r}; accelerate has {sorted(LOGGER_TYPE_TO_CLASS)} "
-                              "(comma-separated), or 'none'")
-        if name not in available:
-            raise ConfigError(f"log_with: the {name} tracker is not installed here (pip install {name}), or leave it "
-                              "out of log_with")
-    return names
-
-
-def tracker_config(cfg: Config) -> dict:
-    """The run's config for the trackers' hyper-parameter views (lists as text: TensorBoard takes scalars only)."""
-    return {k: str(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
-
-
-def read_metrics(path: str) -> list[dict]:
-    """The records of metrics.jsonl (a line cut by a crash is skipped)."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-_LOSS_PANELS = (("total", "total loss"), ("action_arm", "arm action (smooth L1)"),
-                ("action_gripper", "gripper action (BCE)"), ("rgb_static", "static camera frame (MSE)"),
-                ("rgb_gripper", "gripper camera frame (MSE)"))
-_RUN_PANELS = (("lr", "learning rate"), ("samples_per_s", "samples / s (all processes)"),
-               ("data_loading_share", "share of the time waiting for data"))
-
-
-def draw_training_curves(records: list[dict], path: str) -> None:
-    """training_curves.png: each loss (training and validation), the learning rate, samples/s and the data-loading
-    share, against the optimiser step (matplotlib, Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    steps = [r["update"] for r in records]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), constrained_layout=True)
-    for ax, (name, title) in zip(axes.flat, _LOSS_PANELS):
-        for split, label, style in (("train", "training", "-"), ("val", "validation", "o-")):
-            points = [(u, r[f"{split}/{name}"]) for u, r in zip(steps, records) if f"{split}/{name}" in r]
-            if points:
-                ax.plot(*zip(*points), style, markersize=3, label=label)
-        values = [r[f"{s}/{name}"] for r in records for s in ("train", "val") if f"{s}/{name}" in r]
-        if values and min(values) > 0:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
-        ax.set_title(title)
-        if ax.get_lines():
-            ax.legend(loc="upper right")
-    for ax, (key, title) in zip(axes.flat[len(_LOSS_PANELS):], _RUN_PANELS):
-        ax.plot(steps, [r.get(key, float("nan")) for r in records], "-")
-        ax.set_title(title)
-    for ax in axes.flat:
-        ax.set_xlabel("optimiser step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"GR-1 training: {len(records)} log points, last at optimiser step {steps[-1] if steps else 0}")
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)

@@ -1,11 +1,11 @@
-"""A straightforward per-key reader of GR1-Training's LMDB schema: the baseline of bench/bench_data.py and the
-independent reader that tests compare data/lmdb_dataset.py with.
+"""A straightforward per-key reader of GR1-Training's LMDB schema: the independent reader that tests compare
+data/lmdb_dataset.py and the converter's output with (bench/bench_data.py measures against GR1-Training's own reader).
 
 It follows GR1-Training's LMDBDataset_jpeg.LMDBDataset step by step (every value fetched and unpickled with
 torch's pickle.loads where the reference does it, cur_episode re-read for every frame and action, each action
 re-read for every chunk it belongs to). The one substitution: JPEGs are decoded with data.calvin_format.decode_jpeg
-(Pillow/libjpeg-turbo, the same pixels as torchvision's decode_jpeg), so that a speed comparison with our loader
-measures the data access, not the JPEG library.
+(Pillow/libjpeg-turbo, the same pixels as torchvision's decode_jpeg, which GR1-Training uses). As an oracle it spells
+the schema out itself (key names, widths, the gripper mapping) rather than importing the project's definitions.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.calvin_format import CAMERA_SIZES, decode_jpeg
-from data.lmdb_dataset import open_lmdb  # one handle per process and path (py-lmdb's rule)
+from data.lmdb_reader import open_lmdb  # one handle per process and path (py-lmdb's rule)
 
 
 class ReferenceSchemaReader(Dataset):
@@ -35,7 +35,7 @@ class ReferenceSchemaReader(Dataset):
         return pickle.loads(self.txn.get(key.encode()))
 
     def _image(self, key: str, size: int) -> torch.Tensor:
-        pixels = decode_jpeg(self._load(key).numpy().tobytes(), size)  # (H, W, 3)
+        pixels = decode_jpeg(self._load(key).numpy().tobytes(), size)  # (R, R, 3)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
