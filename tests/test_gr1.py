@@ -3,14 +3,14 @@ shortcuts (pruned queries, unencoded padded frames) with the full computation.""
 from __future__ import annotations
 
 import dataclasses
-import os
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from config import Config, ModelConfig
-from helpers import free_port, tiny_config, tiny_inputs
+from helpers import tiny_config, tiny_inputs
 from models.build import build_gr1
 from models.gr1 import GR1, Keep, TokenLayout
 from models.losses import gr1_losses
@@ -49,10 +49,12 @@ def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_none():
     assert all(p.grad is None for n, p in gr1.named_parameters() if n in frozen)
 
 
-def test_ddp_needs_no_find_unused_parameters():
+def test_ddp_needs_no_find_unused_parameters(tmp_path):
     """Two iterations under DDP with find_unused_parameters=False: DDP raises if any parameter got no gradient."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # A file store, not a TCP port: a port picked free can be taken by another process before the store binds it
+    # (it hung once with several suites on one machine), and the timeout turns any other hang into a failure.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=120))
     try:
         cfg = tiny_config()
         model = torch.nn.parallel.DistributedDataParallel(build_gr1(cfg).train(), find_unused_parameters=False)
