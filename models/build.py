@@ -213,9 +213,8 @@ def load_policy_state_dict(gr1: GR1, encoders: FrozenEncoders | None, sd: dict[s
         _load_strict(encoders.mae, convert_mae_state_dict(mae_sd, report.notes), source, "MAE image encoder")
         report.notes.append("MAE weights taken from this file")
     if encoders is not None and clip_sd:
-        dtype = encoders.clip_text.token_embedding.weight.dtype
+        # (a strict load copies into the existing tensors: each keeps its dtype, fp16 or fp32 as CLIP's cast left it)
         _load_strict(encoders.clip_text, convert_clip_state_dict(clip_sd), source, "CLIP text encoder")
-        encoders.clip_text.to(dtype)
         encoders._text_cache = {}
         report.notes.append("CLIP weights taken from this file")
     return report

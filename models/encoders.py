@@ -128,8 +128,24 @@ class CLIPTextEncoder(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
+    def half_as_clip(self) -> CLIPTextEncoder:
+        """fp16 as clip.load gives the model on CUDA (openai-clip's convert_weights): the weights of the linear and
+        attention layers and the text projection in fp16; the LayerNorms, the token and positional embeddings stay in
+        fp32 (the LayerNorms compute in fp32)."""
+        for m in self.modules():
+            tensors = ["weight", "bias"] if isinstance(m, nn.Linear) else []
+            if isinstance(m, nn.MultiheadAttention):
+                tensors = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                           "bias_k", "bias_v"]
+            for name in tensors:
+                tensor = getattr(m, name, None)
+                if tensor is not None:
+                    tensor.data = tensor.data.half()
+        self.text_projection.data = self.text_projection.data.half()
+        return self
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        dtype = self.token_embedding.weight.dtype
+        dtype = self.text_projection.dtype  # CLIP's: its blocks run in the dtype of its matmul weights
         x = self.token_embedding(tokens).type(dtype) + self.positional_embedding.type(dtype)  # (B, L, W)
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # CLIP's blocks are sequence-first
         x = self.ln_final(x).type(dtype)
@@ -151,7 +167,9 @@ class FrozenEncoders(nn.Module):
     def __init__(self, mae: MAEEncoder, clip_text: CLIPTextEncoder, text_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.mae = mae
-        self.clip_text = clip_text.to(text_dtype)
+        if text_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"CLIP's text tower runs in fp32 or fp16 (as clip.load gives it), not {text_dtype}")
+        self.clip_text = clip_text.half_as_clip() if text_dtype == torch.float16 else clip_text
         self.requires_grad_(False)
         self.eval()
         self._text_cache: dict[bytes, torch.Tensor] = {}

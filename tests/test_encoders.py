@@ -4,9 +4,13 @@ same parameter names (OpenAI's weights load strictly: test_parity, test_checkpoi
 seeded random init (a policy trained on the random encoders, like the demo's, must see the same text features)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from helpers import tiny_config
+from models.build import build_encoders
 from models.encoders import CLIPTextEncoder, clip_version, tokenize
 
 SENTENCES = ["push the red block to the left", "Open the drawer!"]
@@ -47,3 +51,25 @@ def test_the_text_tower_keeps_clips_parameter_names_and_saves_no_mask():
     expected = {f"transformer.resblocks.{i}.{name}" for i in range(2) for name in block} | {
         "token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection"}
     assert names == expected
+
+
+def test_fp16_text_tower_is_cast_as_clip_load_casts_it():
+    """clip_precision=fp16 (the default on CUDA): openai-clip's convert_weights casts only the linear and attention
+    weights and the text projection; the LayerNorms and embeddings stay fp32. A tower cast whole (LayerNorm weights
+    in fp16) cannot even run its fp32 LayerNorm."""
+    torch.manual_seed(0)
+    tower = CLIPTextEncoder(16, 16, 1, 2).eval()
+    reference = copy.deepcopy(tower)
+    tower.half_as_clip()
+    dtypes = {name: t.dtype for name, t in tower.state_dict().items()}
+    half = {n for n, d in dtypes.items() if d == torch.float16}
+    assert half == {n for n in dtypes if ".attn." in n or ".mlp." in n} | {"text_projection"}, dtypes
+    encoders = build_encoders(tiny_config().replace(clip_precision="fp16"), "cpu")
+    assert encoders.clip_text.text_projection.dtype == torch.float16
+    assert encoders.clip_text.ln_final.weight.dtype == torch.float32
+    with torch.no_grad():
+        tokens = tokenize(SENTENCES).long()
+        got, expected = tower(tokens), reference(tokens)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2)
+        assert torch.isfinite(encoders.encode_text(tokenize(SENTENCES))).all()
