@@ -171,7 +171,7 @@ def repeated_input(source: str, repeat: int, root: str) -> str:
         for name in os.listdir(os.path.join(source, split)):
             if name.startswith("episode_"):
                 os.symlink(os.path.join(source, split, name), os.path.join(split_dir, name))
-        data = np.load(os.path.join(source, split, cf.ANNOTATION_FILE), allow_pickle=True).item()
+        data = cf.read_object_npy(os.path.join(source, split, cf.ANNOTATION_FILE))
         data["language"]["ann"] = list(data["language"]["ann"]) * repeat
         data["info"]["indx"] = list(data["info"]["indx"]) * repeat
         np.save(os.path.join(split_dir, cf.ANNOTATION_FILE), data, allow_pickle=True)

@@ -20,11 +20,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+try:
+    from numpy._core import multiarray as _multiarray  # numpy >= 2
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _multiarray
 
 import facts
 from data.codec import dumps_value
@@ -86,6 +92,33 @@ def episode_path(split_dir: str, frame_id: int) -> str:
     return os.path.join(split_dir, f"episode_{frame_id:07d}.npz")
 
 
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain Python data and numpy arrays / scalars only: a crafted file cannot call any other function."""
+
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        # numpy < 2 pickles numpy.core.multiarray, numpy 2 numpy._core.multiarray: the same two functions
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+            return getattr(_multiarray, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed here (only numpy arrays and plain data)")
+
+
+def read_object_npy(path: str):
+    """The object a .npy file holds (CALVIN's auto_lang_ann.npy: a pickled dict), read without running code from it:
+    np.load(allow_pickle=True) would call whatever the file names."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        _, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+        if not dtype.hasobject:
+            raise ValueError(f"an array of {dtype}, not a pickled object")
+        array = _NumpyOnlyUnpickler(f).load()
+    return array.item() if isinstance(array, np.ndarray) and array.shape == () else array
+
+
 def load_segments(split_dir: str, split: str) -> list[Segment]:
     """The annotated segments of one split folder, in file order (the order GR1-Training writes them)."""
     if not os.path.isdir(split_dir):
@@ -96,7 +129,7 @@ def load_segments(split_dir: str, split: str) -> list[Segment]:
         raise CalvinFormatError(f"{path} not found: every CALVIN split has lang_annotations/auto_lang_ann.npy "
                                 "(the language-annotated download, not the raw-only one)")
     try:
-        data = np.load(path, allow_pickle=True).item()
+        data = read_object_npy(path)
         texts, windows = data["language"]["ann"], data["info"]["indx"]
     except Exception as e:  # a corrupt or foreign file: say which and why
         raise CalvinFormatError(f"{path}: cannot read language.ann / info.indx ({type(e).__name__}: {e})") from e

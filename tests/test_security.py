@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -246,3 +247,23 @@ def test_extra_globals_are_allowed_per_file_kind_only(tmp_path):
     assert load_file(path, "bytedance")["epoch"] == 3
     with pytest.raises(CheckpointError, match="numpy"):
         load_file(path)
+
+
+def test_a_crafted_language_annotation_file_runs_no_code(tmp_path):
+    """calvin2lmdb reads each split's lang_annotations/auto_lang_ann.npy, a pickled dict: np.load(allow_pickle=True)
+    would run what a crafted file names; only numpy arrays, scalars and plain data are read."""
+    from data import calvin_format as cf
+    marker = tmp_path / "ran"
+    folder = tmp_path / "training" / "lang_annotations"
+    folder.mkdir(parents=True)
+    np.save(folder / "auto_lang_ann.npy", np.array(Run(f"touch {marker}"), dtype=object), allow_pickle=True)
+    with pytest.raises(cf.CalvinFormatError, match="os.system|posix.system"):
+        cf.load_segments(str(tmp_path / "training"), "training")
+    assert not marker.exists()
+    # A genuine file: numpy arrays and numpy integers inside plain dicts, lists and tuples, as CALVIN's
+    genuine = {"language": {"ann": ["push the block"], "task": ["push"], "emb": np.ones((1, 1, 4), np.float32)},
+               "info": {"episodes": [], "indx": [(np.int64(3), np.int64(9))]}}
+    np.save(folder / "auto_lang_ann.npy", genuine, allow_pickle=True)
+    read = cf.read_object_npy(str(folder / "auto_lang_ann.npy"))
+    assert read["info"]["indx"] == [(3, 9)] and np.array_equal(read["language"]["emb"], genuine["language"]["emb"])
+    assert cf.load_segments(str(tmp_path / "training"), "training") == [cf.Segment("training", 3, 9, "push the block")]
