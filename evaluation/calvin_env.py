@@ -82,6 +82,9 @@ class CalvinEnvNotInstalledError(ImportError):
     """calvin_env (or one of its dependencies) cannot be imported; the message says how to install it."""
 
 
+TARGET_PREFIX = "calvin_env."  # what a rendering config may instantiate
+
+
 def _import(name: str) -> ModuleType:
     """Import calvin_env or one of its dependencies, turning a failure into installation instructions."""
     try:
@@ -132,7 +135,26 @@ def load_render_config(dataset_path: str) -> Any:
             "validation/.hydra/merged_config.yaml holds the rendering config; use '' for the shipped scene-D config"
         )
     calvin_env_root()  # the dataset config names data/ relative to the calvin_env checkout: check it is there
-    return omegaconf.OmegaConf.load(path)
+    config = omegaconf.OmegaConf.load(path)
+    check_targets(omegaconf.OmegaConf.to_container(config, resolve=False), str(path))
+    return config
+
+
+def check_targets(node: Any, source: str) -> None:
+    """Every `_target_` of a rendering config names a calvin_env class: hydra instantiates whatever a `_target_`
+    names, so a crafted dataset config could otherwise run any function (os.system, ...)."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not (isinstance(target, str) and target.startswith(TARGET_PREFIX)):
+            raise ValueError(f"{source}: _target_ {target!r} is not a {TARGET_PREFIX}* class; refusing to "
+                             "instantiate it (hydra would call it)")
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return
+    for child in children:
+        check_targets(child, source)
 
 
 def set_egl_device(device: Any) -> int | None:

@@ -267,3 +267,16 @@ def test_a_crafted_language_annotation_file_runs_no_code(tmp_path):
     read = cf.read_object_npy(str(folder / "auto_lang_ann.npy"))
     assert read["info"]["indx"] == [(3, 9)] and np.array_equal(read["language"]["emb"], genuine["language"]["emb"])
     assert cf.load_segments(str(tmp_path / "training"), "training") == [cf.Segment("training", 3, 9, "push the block")]
+
+
+def test_a_crafted_calvin_rendering_config_is_not_instantiated():
+    """eval_backend=calvin instantiates <calvin_dataset_path>/validation/.hydra/merged_config.yaml with hydra, which
+    calls whatever a `_target_` names: only calvin_env classes pass."""
+    from evaluation.calvin_env import check_targets
+    genuine = {"env": {"_target_": "calvin_env.envs.play_table_env.PlayTableSimEnv"},
+               "cameras": {"static": {"_target_": "calvin_env.camera.static_camera.StaticCamera", "fov": 10}},
+               "robot": [{"_target_": "calvin_env.robot.robot.Robot"}]}
+    check_targets(genuine, "merged_config.yaml")
+    crafted = {**genuine, "scene": {"objects": [{"_target_": "os.system", "command": "touch x"}]}}
+    with pytest.raises(ValueError, match="merged_config.yaml: _target_ 'os.system' is not a calvin_env"):
+        check_targets(crafted, "merged_config.yaml")
