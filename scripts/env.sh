@@ -4,7 +4,8 @@
 # the requirements when a needed package is missing or the requirements files changed since the last install into
 # this environment (a stamp in the environment records them); otherwise it installs nothing.
 # - torch already importable (e.g. a CUDA build you installed): requirements.txt + requirements-dev.txt, which keep it.
-# - no torch yet: requirements-ci.txt, which pins the CPU build tested here (torch 2.13.0) and adds the rest.
+# - no torch yet: requirements-ci.txt, which pins the torch version tested here (2.13.0; the CI image's index has its
+#   CPU build) and adds the rest.
 
 gr1_env_setup() {
     local root stamp want
