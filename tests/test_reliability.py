@@ -107,6 +107,7 @@ def test_resume_refuses_another_run(resumed_runs, mini_lmdb):
     assert changed == ["lr_max"]  # said in a warning; max_train_steps changes nothing
     refusals = [((cfg.replace(embed_dim=64), 1, fingerprint), "embed_dim=32 (now 64)"),
                 ((cfg.replace(bs_per_gpu=4), 1, fingerprint), "bs_per_gpu=2 (now 4)"),
+                ((cfg.replace(frame_sharing=2), 1, fingerprint), "frame_sharing=1 (now 2)"),
                 ((cfg, 2, fingerprint), "saved by 1 processes"),
                 ((cfg, 1, "another"), "another LMDB")]
     for (other, processes, fp), message in refusals:

@@ -41,7 +41,7 @@ MUST_MATCH = (
     "chunk_size", "skip_frame", "act_dim", "state_dim", "img_feat_dim", "patch_feat_dim", "lang_feat_dim", "rgb_shape",
     "patch_size", "clip_text_width", "clip_text_layers", "clip_text_heads", "mae_depth", "mae_num_heads",
     # the data order and the optimiser steps
-    "bs_per_gpu", "gradient_accumulation_steps", "seed", "action_mode", "split", "train_ratio",
+    "bs_per_gpu", "gradient_accumulation_steps", "seed", "action_mode", "split", "train_ratio", "frame_sharing",
 )
 # Changing these continues the run with other results than an uninterrupted one would give: said in one line.
 CHANGES_RESULTS = (
@@ -232,9 +232,9 @@ def resume_point(cfg: Config, num_processes: int, rank: int, fingerprint: str
     if changed:
         notes.append(f"warning: resuming with other {', '.join(changed)} than the saved run: the results will differ "
                      "from an uninterrupted run")
-    if cfg.ckpt_path or cfg.load_bytedance_ckpt or cfg.load_epoch:
-        notes.append("note: resuming the saved training state; ckpt_path / load_bytedance_ckpt / load_epoch are not "
-                     "loaded")
+    if cfg.ckpt_path or cfg.load_bytedance_ckpt or cfg.load_grmg_ckpt or cfg.load_epoch:
+        notes.append("note: resuming the saved training state; ckpt_path / load_bytedance_ckpt / load_grmg_ckpt / "
+                     "load_epoch are not loaded")
     return saved, notes
 
 
