@@ -149,3 +149,12 @@ def test_log_record():
     assert with_val["val/total"] == 0.7 and math.isfinite(with_val["samples_per_s"])
     assert tracker_values(record) == {"lr": 1e-4, "samples_per_s": 80.0, "data_loading_share": 0.25,
                                       "train/total": 0.5}
+
+
+def test_a_resumed_run_drops_the_records_logged_after_its_last_save(tmp_path):
+    for update in (10, 20, 30):
+        logs.append_record(str(tmp_path), {"update": update, "train/total": 1.0})
+    with open(tmp_path / logs.METRICS_FILE, "a") as f:
+        f.write('{"update": 40, "train/to')  # cut by the crash
+    logs.truncate_metrics(str(tmp_path), 20)  # the state was saved at step 20: 30 is trained and logged again
+    assert [r["update"] for r in logs.read_metrics(str(tmp_path / logs.METRICS_FILE))] == [10, 20]

@@ -103,6 +103,18 @@ def append_record(save_path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def truncate_metrics(save_path: str, update: int) -> None:
+    """Keep the records up to optimiser step `update` (a resumed run's saved position): the steps logged after the
+    last save are trained and logged again, and would otherwise appear twice (atomic rewrite)."""
+    path = os.path.join(save_path, METRICS_FILE)
+    if not os.path.isfile(path):
+        return
+    kept = [r for r in read_metrics(path) if r.get("update", 0) <= update]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+
+
 # ---------------------------------------------------------------- trackers and curves
 
 def tracker_names(cfg: Config) -> list[str]:

@@ -35,6 +35,7 @@ from training.logs import (
     tracker_config,
     tracker_names,
     tracker_values,
+    truncate_metrics,
 )
 from training.schedule import accumulation_group, lr_factor, should_stop, state_save_due, validation_due
 from training.state import (
@@ -130,6 +131,8 @@ class Trainer:
         if acc.is_main_process:
             os.makedirs(cfg.save_path, exist_ok=True)
             save_config(cfg, os.path.join(cfg.save_path, "config.json"))
+            if saved:
+                truncate_metrics(cfg.save_path, self.state.update)
         acc.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg))  # log_with (main process only)
 
     def _lr_factor(self, update: int) -> float:
