@@ -11,12 +11,14 @@ import os
 import sys
 
 from config import Config, ConfigError, add_config_arguments, config_from_args, explicit_keys
+from evaluation.pool import EvalWorkerError
 from models.build import CheckpointError, config_for_checkpoint
 from processes import INTERRUPTED_EXIT_CODE, die_with_launcher
 from training.step import NonFiniteLossError
 from training.trainer import Trainer, TrainingStopped, error_line
 
-USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, OSError)  # reported in one line, exit code 2
+# reported in one line, exit code 2 (EvalWorkerError: evaluate_during_training's simulators could not start)
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, OSError, EvalWorkerError)
 
 
 def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> None:

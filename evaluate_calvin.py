@@ -22,7 +22,7 @@ from config import Config, ConfigError, add_config_arguments, config_from_args, 
 from evaluation.pool import EvalWorkerError
 from models.build import CheckpointError, build_model, config_for_checkpoint, default_weights_path
 from models.files import checkpoint_path
-from processes import die_with_launcher
+from processes import INTERRUPTED_EXIT_CODE, die_with_launcher
 
 
 def main(cfg: Config, explicit: frozenset[str] = frozenset()) -> dict | None:
@@ -50,8 +50,14 @@ if __name__ == "__main__":
     add_config_arguments(parser)
     args = parser.parse_args()
     die_with_launcher()  # under accelerate launch / torchrun: a killed launcher ends this process (and its env workers)
+    main_process = os.environ.get("RANK", "0") == "0"  # every process meets the same bad input: say it once
     try:
         main(config_from_args(args), explicit_keys(args))
-    except (ConfigError, CheckpointError, FileNotFoundError, EvalWorkerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if main_process:
+            print("interrupted: the finished sequences are kept (resume=true continues after them)", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except (ConfigError, CheckpointError, OSError, EvalWorkerError) as e:
+        if main_process or isinstance(e, (OSError, EvalWorkerError)):  # these may concern one process only
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
