@@ -368,8 +368,9 @@ def run_sharded(evaluate_many: EvaluateMany, sequences: Sequence[EvalSequence], 
             partial.write(json.dumps(asdict(res)) + "\n")
             partial.flush()
             bar.update(1)
+            rates = count_success([r.result for r in results])
             bar.set_description(f"eval [{rank}] " + " ".join(
-                f"{i + 1}/5:{sr * 100:.0f}%" for i, sr in enumerate(count_success([r.result for r in results]))))
+                f"{i + 1}/{CHAIN_LENGTH}:{sr * 100:.0f}%" for i, sr in enumerate(rates)))
     bar.close()
     mine_stats = {"wall_seconds": time.perf_counter() - start, **asdict(stats)}
     everything = gather([{"results": [asdict(r) for r in results], "stats": mine_stats}])
